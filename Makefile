@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo-out
+DEMO_SLOTS ?= 1000
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch lies on disk; an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Simulate held-out slots of the training mix and one drift condition, then evaluate the shipped model.
+demo: $(STAMP)
+	mkdir -p $(DEMO)
+	$(BIN)/deeprx-client simulate --scenario train --slots $(DEMO_SLOTS) --seed 101 --out $(DEMO)/train-mix.h5
+	$(BIN)/deeprx-client simulate --scenario drift-highspeed --slots $(DEMO_SLOTS) --seed 102 --out $(DEMO)/drift-highspeed.h5
+	$(BIN)/deeprx-service eval --model models/small --data $(DEMO)/train-mix.h5 --plot $(DEMO)/train-mix.png
+	$(BIN)/deeprx-service eval --model models/small --data $(DEMO)/drift-highspeed.h5 --plot $(DEMO)/drift-highspeed.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO)

@@ -1,0 +1,101 @@
+"""``deeprx-service``: train and evaluate DeepRx (serving and adaptation build on these)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.train import TrainConfig, train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    metadata = train(args.data, args.out, config, progress=not args.quiet)
+    metrics = metadata["metrics"]
+    print(f"saved {config.size} model ({metadata['parameters']} parameters) after {metadata['steps']} steps "
+          f"to {args.out}: val loss {metrics['val_loss_bits']:.4f} bits, val BER {metrics['val_ber']:.5f}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from schema.dataset import read_slots
+    from service.checkpoint import load_checkpoint
+    from service.evaluate import evaluate
+
+    checkpoint = load_checkpoint(args.model)
+    slots, attrs = read_slots(args.data)
+    if slots.y.shape[1] != checkpoint.model.config.rx:
+        raise ValueError(f"the model expects {checkpoint.model.config.rx} receive antennas, "
+                         f"'{args.data}' has {slots.y.shape[1]}")
+    report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width)
+    if args.plot:
+        report.plot(args.plot, title=f"{Path(args.model).name} on {attrs.get('scenario', args.data)}")
+    if args.json:
+        print(json.dumps({**report.to_dict(), "model": str(args.model), "data": str(args.data),
+                          "scenario": str(attrs.get("scenario", ""))}))
+    else:
+        print(f"model {args.model} on {args.data} ({attrs.get('scenario', '')})")
+        print(report.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from service.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="deeprx-service", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a DeepRx on an HDF5 slot dataset",
+                                description="Train DeepRx with the bit-BCE loss; checkpoints to --out "
+                                            "(safetensors + JSON) and resumes from it if present.")
+    train.add_argument("--data", type=Path, required=True, help="HDF5 dataset from 'deeprx-client simulate'")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it exists)")
+    defaults = TrainConfig()
+    train.add_argument("--size", default=defaults.size, choices=("tiny", "small", "full"), help="model size")
+    train.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps")
+    train.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size)
+    train.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate,
+                       help="peak Adam learning rate (after warmup, cosine-decayed)")
+    train.add_argument("--final-lr-fraction", dest="final_lr_fraction", type=float,
+                       default=defaults.final_lr_fraction)
+    train.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=defaults.warmup_steps)
+    train.add_argument("--validation-slots", dest="validation_slots", type=int, default=defaults.validation_slots,
+                       help="slots of --data held out to report validation loss and BER")
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=defaults.checkpoint_every)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    ev = commands.add_parser("eval", help="uncoded BER of a model vs LS-LMMSE and genie",
+                             description="Print uncoded BER of DeepRx, LS-LMMSE and perfect-CSI LMMSE "
+                                         "overall and per SNR bin.")
+    ev.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    ev.add_argument("--data", type=Path, required=True, help="HDF5 dataset")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--plot", type=Path, help="write a BER-vs-SNR plot (PNG) here")
+    ev.add_argument("--bin-width", type=float, default=5.0, help="SNR bin width in dB")
+    ev.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _set_threads(args.threads)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"deeprx-service: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

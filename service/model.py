@@ -1,0 +1,101 @@
+"""DeepRx: a fully convolutional receiver from received grid to one logit (LLR) per bit per RE.
+
+The published shape (Honkala et al., "DeepRx", 2021): a 3x3 input convolution, pre-activation
+ResNet blocks of depthwise-separable 3x3 convolutions with dilations over (subcarrier, symbol),
+and a 1x1 output convolution with one logit per bit (6, enough for 64QAM), masked by modulation.
+Logits follow Sionna's LLR sign: ``log P(b=1) / P(b=0)``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from schema.scenario import MAX_BITS_PER_SYMBOL
+from service.features import bit_mask, num_input_channels
+
+_FULL_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 128, 128, 64, 64)
+# (subcarrier, symbol) dilations: wide in frequency where the channel is smooth, short in time.
+_FULL_DILATIONS = ((1, 1), (1, 1), (2, 3), (2, 3), (2, 3), (3, 6), (2, 3), (2, 3), (2, 3), (1, 1), (1, 1))
+
+
+@dataclass(frozen=True)
+class DeepRxConfig:
+    """Architecture of one DeepRx; ``dilations`` are (subcarrier, symbol) per block."""
+
+    widths: tuple[int, ...]
+    dilations: tuple[tuple[int, int], ...]
+    rx: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.dilations):
+            raise ValueError("widths and dilations must have one entry per block")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(values: dict) -> "DeepRxConfig":
+        return DeepRxConfig(tuple(values["widths"]), tuple(tuple(d) for d in values["dilations"]), values["rx"])
+
+
+def _scaled(divisor: int, rx: int) -> DeepRxConfig:
+    return DeepRxConfig(tuple(w // divisor for w in _FULL_WIDTHS), _FULL_DILATIONS, rx)
+
+
+SIZES = {
+    "tiny": lambda rx: DeepRxConfig((8, 8), ((1, 1), (2, 3)), rx),
+    "small": lambda rx: _scaled(4, rx),
+    "full": lambda rx: _scaled(1, rx),
+}
+
+
+def config_for(size: str, rx: int = 2) -> DeepRxConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size '{size}' (one of {', '.join(SIZES)})")
+    return SIZES[size](rx)
+
+
+class _DepthwiseSeparable(nn.Sequential):
+    def __init__(self, cin: int, cout: int, dilation: tuple[int, int]):
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+            nn.Conv2d(cin, cout, 1),
+        )
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: (BN, ReLU, depthwise-separable conv) twice, plus a skip."""
+
+    def __init__(self, cin: int, cout: int, dilation: tuple[int, int]):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.ReLU(), _DepthwiseSeparable(cin, cout, dilation),
+            nn.BatchNorm2d(cout), nn.ReLU(), _DepthwiseSeparable(cout, cout, dilation),
+        )
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class DeepRx(nn.Module):
+    """features [B, 4A+2, F, S], bits_per_symbol [B] -> logits [B, 6, F, S] (unused bits are 0)."""
+
+    def __init__(self, config: DeepRxConfig):
+        super().__init__()
+        self.config = config
+        widths = config.widths
+        self.input_conv = nn.Conv2d(num_input_channels(config.rx), widths[0], 3, padding=1)
+        self.blocks = nn.Sequential(*[
+            ResBlock(cin, cout, d) for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
+        ])
+        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.Conv2d(widths[-1], MAX_BITS_PER_SYMBOL, 1))
+
+    def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.blocks(self.input_conv(features)))
+        return logits * bit_mask(bits_per_symbol)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

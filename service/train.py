@@ -1,0 +1,131 @@
+"""Training DeepRx on a slot dataset: Adam, warmup + cosine learning rate, resumable checkpoints."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from schema.dataset import read_slots
+from service.checkpoint import (flatten_optimizer_state, load_checkpoint, restore_optimizer_state,
+                                save_checkpoint)
+from service.features import SlotTensors, prepare
+from service.loss import bce_bits, bit_errors
+from service.model import DeepRx, config_for
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of one training run; stored in the checkpoint so a resume continues the same run."""
+
+    size: str = "small"
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    final_lr_fraction: float = 0.05
+    warmup_steps: int = 100
+    validation_slots: int = 256
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to ``final_lr_fraction`` of the peak at ``config.steps``."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    floor = config.final_lr_fraction
+    return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validate(model: DeepRx, data: SlotTensors, batch_size: int = 256) -> dict:
+    """Loss (bits) and BER of ``model`` in eval mode on ``data``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, errors, bits = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        part = data[start:start + batch_size]
+        logits = model(part.features, part.bits_per_symbol)
+        loss_sum += float(bce_bits(logits, part.labels, part.valid)) * len(part)
+        errors += int(bit_errors(logits, part.labels, part.valid).sum())
+        bits += int(part.valid.sum())
+    model.train(was_training)
+    return {"loss_bits": loss_sum / max(1, len(data)), "ber": errors / max(1, bits)}
+
+
+def _batch_indices(num_train: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The minibatch of ``step``: a function of (seed, step) alone, so a resumed run sees the same data."""
+    per_epoch = max(1, num_train // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def train(data_path: str | Path, out_dir: str | Path, config: TrainConfig, progress: bool = True) -> dict:
+    """Train (or resume, when ``out_dir`` holds a checkpoint of this run) and return its metadata."""
+    out_dir = Path(out_dir)
+    slots, attrs = read_slots(data_path)
+    tensors = prepare(slots)
+    order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(config.seed))
+    n_val = min(config.validation_slots, len(tensors) // 5)
+    val, train_set = tensors[order[:n_val]], tensors[order[n_val:]]
+    rx = int(slots.y.shape[1])
+
+    torch.manual_seed(config.seed)
+    model = DeepRx(config_for(config.size, rx))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    start_step, history, seconds = 0, [], 0.0
+    if (out_dir / "model.json").exists():
+        previous = load_checkpoint(out_dir, with_optimizer=True)
+        if previous.metadata.get("train", {}).get("size") != config.size:
+            raise ValueError(f"'{out_dir}' holds a '{previous.metadata.get('train', {}).get('size')}' "
+                             f"model; cannot resume it as '{config.size}'")
+        model.load_state_dict(previous.model.state_dict())
+        if previous.optimizer_state is not None:
+            restore_optimizer_state(optimizer, previous.optimizer_state)
+        start_step = int(previous.metadata["steps"])
+        history = previous.metadata.get("history", [])
+        seconds = float(previous.metadata.get("train_seconds", 0.0))
+
+    def metadata(step: int, train_loss: float) -> dict:
+        val_metrics = validate(model, val)
+        history.append({"step": step, "train_loss_bits": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        return {
+            "size": config.size, "parameters": model.num_parameters(), "steps": step,
+            "train": asdict(config), "train_seconds": round(seconds, 1),
+            "data": {"path": str(data_path), "scenario": str(attrs.get("scenario", "")),
+                     "seed": int(attrs.get("seed", -1)), "slots": len(tensors)},
+            "metrics": history[-1], "history": history,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    model.train()
+    ema = None
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               desc=f"train {config.size}", unit="step", disable=not progress)
+    tick = time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        batch = train_set[_batch_indices(len(train_set), config.batch_size, config.seed, step)]
+        loss = bce_bits(model(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        ema = value if ema is None else 0.98 * ema + 0.02 * value
+        bar.set_postfix(loss=f"{ema:.3f}")
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            meta = metadata(done, ema)
+            save_checkpoint(out_dir, model, meta, flatten_optimizer_state(optimizer))
+            bar.write(f"step {done}: train loss {ema:.4f} bits, val loss {meta['metrics']['val_loss_bits']:.4f} "
+                      f"bits, val BER {meta['metrics']['val_ber']:.4f}")
+    bar.close()
+    return load_checkpoint(out_dir).metadata

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from service.checkpoint import load_checkpoint, save_checkpoint
+from service.loss import bce_bits, bit_errors, per_slot_bce_bits
+from service.model import DeepRx, config_for
+
+
+@pytest.mark.parametrize("rx", [1, 2, 4])
+def test_output_shape_is_six_logits_per_re(rx):
+    model = DeepRx(config_for("tiny", rx)).eval()
+    out = model(torch.randn(3, 4 * rx + 2, 24, 14), torch.tensor([2, 4, 6]))
+    assert out.shape == (3, 6, 24, 14)
+
+
+def test_unused_bits_are_masked_per_modulation():
+    model = DeepRx(config_for("tiny")).eval()
+    out = model(torch.randn(3, 10, 12, 14), torch.tensor([2, 4, 6]))
+    for row, k in enumerate((2, 4, 6)):
+        assert torch.all(out[row, k:] == 0)
+        assert torch.all(out[row, :k] != 0)
+
+
+def test_sizes_grow_and_full_is_the_published_shape():
+    counts = {size: DeepRx(config_for(size)).num_parameters() for size in ("tiny", "small", "full")}
+    assert counts["tiny"] < 5_000 < counts["small"] < 100_000 < counts["full"]
+    full = config_for("full")
+    assert len(full.widths) == 11 and min(full.widths) == 64 and max(full.widths) == 256
+
+
+def test_loss_of_a_receiver_that_knows_nothing_is_one_bit():
+    labels = torch.randint(0, 2, (2, 6, 4, 14)).float()
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    assert float(bce_bits(torch.zeros_like(labels), labels, valid)) == pytest.approx(1.0)
+
+
+def test_loss_on_a_known_example_counts_only_valid_bits():
+    logits = torch.zeros(1, 6, 1, 2)
+    labels = torch.zeros(1, 6, 1, 2)
+    valid = torch.zeros(1, 6, 1, 2, dtype=torch.bool)
+    logits[0, 0, 0, 0], labels[0, 0, 0, 0], valid[0, 0, 0, 0] = 2.0, 1.0, True  # confident, right
+    logits[0, 1, 0, 0], labels[0, 1, 0, 0], valid[0, 1, 0, 0] = 1.0, 0.0, True  # wrong side
+    logits[0, 2, 0, 1], labels[0, 2, 0, 1] = 50.0, 0.0  # invalid: must not count
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(1.0))) / (2 * math.log(2))
+    assert float(per_slot_bce_bits(logits, labels, valid)[0]) == pytest.approx(expected, rel=1e-6)
+    assert bit_errors(logits, labels, valid).tolist() == [1]
+
+
+def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = DeepRx(config_for("tiny")).eval()
+    save_checkpoint(tmp_path / "m", model, {"steps": 0})
+    loaded = load_checkpoint(tmp_path / "m")
+    x, k = torch.randn(2, 10, 12, 14), torch.tensor([4, 4])
+    torch.testing.assert_close(loaded.model(x, k), model(x, k))
+    assert loaded.metadata["config"]["widths"] == list(model.config.widths)
+    assert not list((tmp_path / "m").glob("*.tmp"))
+
+
+def test_loading_something_that_is_not_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model checkpoint"):
+        load_checkpoint(tmp_path)
