@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo-out
 DEMO_SLOTS ?= 1000
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean proto
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO)
+
+# Regenerate the gRPC/protobuf Python code (checked in; tests/test_proto.py fails when stale).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. proto/receiver.proto

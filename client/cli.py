@@ -37,6 +37,94 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _channel(server: str):
+    import grpc
+    return grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                                  ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+
+
+def _load_or_simulate(args: argparse.Namespace):
+    from schema.dataset import SlotBatch, read_slots
+
+    if args.data:
+        slots, _ = read_slots(args.data)
+        return slots.select(slice(0, args.slots)) if args.slots else slots
+    from tqdm import tqdm
+
+    from client.simulator import SlotSimulator
+
+    simulator = SlotSimulator(parse_scenario(args.scenario), seed=args.seed)
+    with tqdm(total=args.slots, unit="slot", desc="simulate", disable=args.json) as bar:
+        batches = []
+        for batch in simulator.batches(args.slots):
+            batches.append(batch)
+            bar.update(len(batch))
+    return SlotBatch.concatenate(batches)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    import json
+
+    from client.stream import send_genie_feedback, stream_slots
+
+    if not args.data and not args.slots:
+        raise ScenarioError("give --slots with --scenario")
+    slots = _load_or_simulate(args)
+    with _channel(args.server) as channel:
+        report, _ = stream_slots(channel, slots, args.context, streams=args.streams, rate=args.rate,
+                                 prefix=args.prefix)
+        feedback = send_genie_feedback(channel, slots, prefix=args.prefix) if args.feedback == "genie" else None
+    bits = max(1, int(slots.num_bits.sum()))
+    summary = {
+        "slots": report.slots, "streams": args.streams, "seconds": round(report.seconds, 3),
+        "slots_per_second": report.slots / report.seconds,
+        "ber": {"served": report.ber, "ls_lmmse": int(slots.ls_lmmse_errors.sum()) / bits,
+                "genie": int(slots.genie_errors.sum()) / bits},
+        "latency_ms": {"p50": report.percentile_ms(50), "p90": report.percentile_ms(90),
+                       "p99": report.percentile_ms(99)},
+        "server_latency_ms": {"p50": report.percentile_ms(50, server=True),
+                              "p99": report.percentile_ms(99, server=True)},
+        "model_versions": report.versions,
+        "feedback_accepted": feedback.accepted if feedback else 0,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{summary['slots']} slots over {args.streams} stream(s) in {report.seconds:.2f} s: "
+          f"{summary['slots_per_second']:.1f} slots/s; model versions {report.versions}")
+    print(f"latency round trip p50 {summary['latency_ms']['p50']:.1f} ms, p90 {summary['latency_ms']['p90']:.1f} ms, "
+          f"p99 {summary['latency_ms']['p99']:.1f} ms (server p50 {summary['server_latency_ms']['p50']:.1f} ms)")
+    print(f"uncoded BER  served {summary['ber']['served']:.5f}   LS-LMMSE {summary['ber']['ls_lmmse']:.5f}   "
+          f"genie {summary['ber']['genie']:.5f}")
+    if feedback:
+        print(f"feedback: {feedback.accepted} slots accepted, {feedback.unknown_slots} unknown to the server")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from proto import receiver_pb2 as pb
+    from proto import receiver_pb2_grpc as pb_grpc
+
+    with _channel(args.server) as channel:
+        response = pb_grpc.ReceiverStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+    print(f"{'version':>8} {'active':>6} {'parent':>8} {'creator':>16} {'created':>25}  metrics")
+    for m in response.models:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+        print(f"{m.version:>8} {'*' if m.active else '':>6} {m.parent:>8} {m.creator[:16]:>16} {m.created:>25}  {metrics}")
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    from proto import receiver_pb2 as pb
+    from proto import receiver_pb2_grpc as pb_grpc
+
+    with _channel(args.server) as channel:
+        info = pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=args.version),
+                                                           timeout=args.timeout)
+    print(f"active model is now {info.version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeprx-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,16 +142,52 @@ def build_parser() -> argparse.ArgumentParser:
                      help="slots sharing one draw of channel, delay spread, speed, DMRS, modulation")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(run=_simulate)
+
+    stream = commands.add_parser(
+        "stream", help="stream simulated slots to a receiver service",
+        description="Simulate slots (or read --data), stream them over gRPC, send genie feedback, and print "
+                    "the served BER beside the LS-LMMSE and genie BER of the same slots, throughput and latency.",
+    )
+    stream.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the service")
+    source = stream.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scenario", help=SCENARIO_HELP)
+    source.add_argument("--data", type=Path, help="stream slots from this HDF5 dataset instead")
+    stream.add_argument("--slots", type=int, help="number of slots (with --data: the first N)")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--rate", type=float, default=0.0, help="total slots/s to send (0: as fast as served)")
+    stream.add_argument("--streams", type=int, default=1, help="concurrent StreamDetect calls")
+    stream.add_argument("--feedback", choices=("genie", "none"), default="genie",
+                        help="report the true coded bits after streaming")
+    stream.add_argument("--context", default="default", help="context key the slots are served under")
+    stream.add_argument("--prefix", default="slot", help="slot id prefix (ids are PREFIX-ROW)")
+    stream.add_argument("--json", action="store_true", help="print one JSON object")
+    stream.set_defaults(run=_stream)
+
+    models = commands.add_parser("models", help="list the service's model versions")
+    models.add_argument("--server", default="127.0.0.1:50051")
+    models.add_argument("--timeout", type=float, default=10.0)
+    models.set_defaults(run=_models)
+
+    activate = commands.add_parser("activate", help="switch the service to (or roll back to) a stored version")
+    activate.add_argument("--server", default="127.0.0.1:50051")
+    activate.add_argument("--version", required=True, help="version name, e.g. v3")
+    activate.add_argument("--timeout", type=float, default=10.0)
+    activate.set_defaults(run=_activate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import grpc
+
     try:
         return args.run(args)
     except ScenarioError as err:
         print(f"deeprx-client: error: bad --scenario: {err}", file=sys.stderr)
         return 2
+    except grpc.RpcError as err:
+        print(f"deeprx-client: error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -47,6 +47,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from service.config import ServerConfig
+    from service.server import ReceiverServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig.from_toml(args.config) if args.config else ServerConfig()
+    config.port, config.metrics_port = args.port, args.metrics_port
+    if args.host:
+        config.host = args.host
+    server = ReceiverServer(config, args.store, args.model).start()
+    print(f"serving model {server.registry.active.version} on {config.host}:{server.port}, "
+          f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+
+    def shutdown(signum, frame):  # noqa: ARG001 - signal handler signature
+        threading.Thread(target=server.stop, args=(args.grace,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    server.wait()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.train import TrainConfig
 
@@ -84,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=Path, help="write a BER-vs-SNR plot (PNG) here")
     ev.add_argument("--bin-width", type=float, default=5.0, help="SNR bin width in dB")
     ev.set_defaults(run=_eval)
+
+    serve = commands.add_parser("serve", help="run the gRPC receiver service",
+                                description="Serve DeepRx over gRPC (deeprx.v1.Receiver, health, reflection) "
+                                            "with Prometheus metrics. The registry and sample store live under "
+                                            "--store; on first start --model is imported as version v1, later "
+                                            "starts resume the last active version.")
+    serve.add_argument("--model", type=Path, help="checkpoint to import when the store has no active model")
+    serve.add_argument("--store", type=Path, required=True, help="directory for the model registry and samples")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    serve.add_argument("--metrics-port", dest="metrics_port", type=int, default=9100,
+                       help="Prometheus /metrics port (0: any free port)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
+    serve.add_argument("--config", type=Path, help="TOML file overriding batching/limits/capture/monitor defaults")
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
+    serve.set_defaults(run=_serve)
     return parser
 
 

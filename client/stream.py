@@ -1,0 +1,130 @@
+"""Streaming simulated slots to a receiver service and measuring what comes back."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from proto import codec
+from proto import receiver_pb2 as pb
+from proto import receiver_pb2_grpc as pb_grpc
+from schema.dataset import SlotBatch
+
+
+def slot_message(slots: SlotBatch, row: int, slot_id: str, context: str) -> pb.Slot:
+    """Row ``row`` of a dataset as a wire Slot (noise variance from the simulated SNR)."""
+    return pb.Slot(
+        slot_id=slot_id, context=context,
+        grid=codec.encode_complex(slots.y[row]), pilots=codec.encode_complex(slots.pilots[row]),
+        data_mask=codec.encode(slots.data_mask[row].astype(np.uint8)),
+        modulation=int(slots.bits_per_symbol[row]),
+        noise_variance=float(10 ** (-slots.snr_db[row] / 10)),
+    )
+
+
+def data_bits(slots: SlotBatch, row: int) -> np.ndarray:
+    """The coded bits of a slot in the service's LLR layout: [data REs in grid order, bits per symbol]."""
+    return slots.bits[row][slots.data_mask[row], : int(slots.bits_per_symbol[row])]
+
+
+@dataclass
+class StreamReport:
+    """What one streaming run measured."""
+
+    slots: int = 0
+    bit_errors: int = 0
+    num_bits: int = 0
+    latencies: list[float] = field(default_factory=list)  # client round trip per slot, seconds
+    server_latencies: list[float] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    failures: int = 0
+
+    @property
+    def ber(self) -> float:
+        return self.bit_errors / max(1, self.num_bits)
+
+    def percentile_ms(self, q: float, server: bool = False) -> float:
+        values = self.server_latencies if server else self.latencies
+        return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams: int = 1, rate: float = 0.0,
+                 prefix: str = "slot", on_result=None) -> tuple[StreamReport, dict[str, pb.SlotResult]]:
+    """Send every slot over ``streams`` concurrent StreamDetect calls (slot i on stream i % streams),
+    pacing to ``rate`` slots/s in total when > 0. Returns the report and the results by slot id."""
+    stub = pb_grpc.ReceiverStub(channel)
+    report = StreamReport()
+    results: dict[str, pb.SlotResult] = {}
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def run(stream_index: int) -> None:
+        rows = list(range(stream_index, len(slots), streams))
+        sent: dict[str, float] = {}
+
+        def requests():
+            for n, row in enumerate(rows):
+                if rate > 0:
+                    due = start + (n * streams + stream_index) / rate
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                slot_id = f"{prefix}-{row}"
+                sent[slot_id] = time.perf_counter()
+                yield pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, context))
+
+        for result in stub.StreamDetect(requests()):
+            latency = time.perf_counter() - sent[result.slot_id]
+            with lock:
+                results[result.slot_id] = result
+                report.latencies.append(latency)
+                report.server_latencies.append(result.server_latency_seconds)
+                report.versions[result.model_version] = report.versions.get(result.model_version, 0) + 1
+            if on_result is not None:
+                on_result(result)
+
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            run(index)
+        except grpc.RpcError as err:  # reported to the caller below, after the other streams end
+            with lock:
+                report.failures += 1
+                errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report.seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    for row in range(len(slots)):
+        result = results[f"{prefix}-{row}"]
+        hard = codec.decode(result.llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**8) > 0
+        truth = data_bits(slots, row)
+        report.bit_errors += int((hard != truth).sum())
+        report.num_bits += int(truth.size)
+    report.slots = len(results)
+    return report, results
+
+
+def send_genie_feedback(channel: grpc.Channel, slots: SlotBatch, prefix: str = "slot",
+                        chunk: int = 64) -> pb.ReportFeedbackResponse:
+    """Report every slot's true coded bits (and the baselines' errors) to the service."""
+    stub = pb_grpc.ReceiverStub(channel)
+    total = pb.ReportFeedbackResponse()
+    for start in range(0, len(slots), chunk):
+        items = [pb.Feedback(slot_id=f"{prefix}-{row}", genie_bits=codec.encode(data_bits(slots, row)),
+                             reference_genie_errors=int(slots.genie_errors[row]),
+                             reference_ls_lmmse_errors=int(slots.ls_lmmse_errors[row]))
+                 for row in range(start, min(start + chunk, len(slots)))]
+        response = stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=items))
+        total.accepted += response.accepted
+        total.unknown_slots += response.unknown_slots
+        total.errors.extend(response.errors)
+    return total

@@ -1,0 +1,68 @@
+"""Every Prometheus metric the service exports, declared once, on one registry per server.
+
+Names follow Prometheus practice: ``deeprx_`` prefix, base units (seconds, bytes), ``_total`` on
+counters, and only bounded labels (method, outcome, gRPC code, and a capped set of contexts).
+"""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OTHER_CONTEXT = "_other"
+
+
+class ServiceMetrics:
+    """The metric objects of one server; tests build one per server on a private registry."""
+
+    def __init__(self, registry: CollectorRegistry, max_contexts: int = 64):
+        self.registry = registry
+        self.max_contexts = max_contexts
+        self._contexts: set[str] = set()
+        self._lock = threading.Lock()
+        r = registry
+        self.requests = Counter("deeprx_requests", "RPCs handled, by method and outcome",
+                                ["method", "outcome"], registry=r)
+        self.rejected_requests = Counter("deeprx_rejected_requests", "RPCs rejected, by gRPC status code",
+                                         ["code"], registry=r)
+        self.slots = Counter("deeprx_slots", "Slots received, by outcome (ok, rejected, failed)",
+                             ["outcome"], registry=r)
+        self.inference_seconds = Histogram("deeprx_inference_seconds", "Model forward time per batch",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.slot_latency_seconds = Histogram("deeprx_slot_latency_seconds",
+                                              "Server-side time from a slot's arrival to its result",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_delay_seconds = Histogram("deeprx_queue_delay_seconds",
+                                             "Time a slot waited in the batching queue",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("deeprx_batch_size", "Slots per model forward pass",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.model = Info("deeprx_model", "The active model version", registry=r)
+        self.model_swaps = Counter("deeprx_model_swaps", "Active model version changes", registry=r)
+        self.captured_samples = Counter("deeprx_captured_samples", "Slots written to the sample store",
+                                        registry=r)
+        self.capture_dropped = Counter("deeprx_capture_dropped_samples",
+                                       "Slots not captured because the capture queue was full", registry=r)
+        self.feedback = Counter("deeprx_feedback", "Feedback items, by kind (genie, crc_ok, crc_fail, unknown)",
+                                ["kind"], registry=r)
+        self.feedback_bits = Counter("deeprx_feedback_bits", "Coded bits with feedback labels, by context",
+                                     ["context"], registry=r)
+        self.feedback_bit_errors = Counter("deeprx_feedback_bit_errors",
+                                           "Served hard-decision bit errors measured by feedback, by context",
+                                           ["context"], registry=r)
+        self.context_ber = Gauge("deeprx_context_ber",
+                                 "Served BER over the last feedback window of each context", ["context"], registry=r)
+        self.store_samples = Gauge("deeprx_store_samples", "Samples held in the sample store", registry=r)
+        self.store_bytes = Gauge("deeprx_store_bytes", "Size of the sample store on disk", registry=r)
+
+    def context_label(self, context: str) -> str:
+        """The label for ``context``: itself for the first ``max_contexts`` seen, else ``_other``."""
+        with self._lock:
+            if context in self._contexts:
+                return context
+            if len(self._contexts) < self.max_contexts:
+                self._contexts.add(context)
+                return context
+        return OTHER_CONTEXT
