@@ -26,3 +26,43 @@ def train_mix_file(tmp_path_factory) -> Path:
 def high_snr_file(tmp_path_factory) -> Path:
     """96 easy QPSK slots at high SNR: a dataset a tiny model can learn in seconds."""
     return simulate(tmp_path_factory.mktemp("data") / "high-snr.h5", HIGH_SNR_SPEC, 96, seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny DeepRx (2 rx antennas), seeded: any fixed model will do for serving tests."""
+    import torch
+
+    from service.checkpoint import save_checkpoint
+    from service.model import DeepRx, config_for
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_checkpoint(path, DeepRx(config_for("tiny")).eval(), {"size": "tiny", "steps": 0})
+    return path
+
+
+@pytest.fixture
+def server(tmp_path, tiny_checkpoint):
+    """A real server on 127.0.0.1 with free ports, stopped after the test."""
+    from service.config import ServerConfig
+    from service.server import ReceiverServer
+
+    running = ReceiverServer(ServerConfig(port=0, metrics_port=0), tmp_path / "store", tiny_checkpoint).start()
+    yield running
+    running.stop(grace=2)
+
+
+@pytest.fixture
+def channel(server):
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+def scrape(port: int) -> str:
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()

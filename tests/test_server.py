@@ -1,0 +1,136 @@
+"""The receiver service end to end on 127.0.0.1: streaming, feedback, metrics, models, health."""
+import json
+import re
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client.cli import main as client_main
+from client.stream import send_genie_feedback, slot_message, stream_slots
+from proto import codec
+from proto import receiver_pb2 as pb
+from proto import receiver_pb2_grpc as pb_grpc
+from schema.dataset import read_slots
+from service.checkpoint import load_checkpoint
+from service.evaluate import evaluate
+from tests.conftest import scrape
+
+NAMED_SERIES = ("deeprx_requests_total", "deeprx_slots_total", "deeprx_inference_seconds_bucket",
+                "deeprx_queue_delay_seconds_bucket", "deeprx_batch_size_bucket", "deeprx_model_info",
+                "deeprx_model_swaps_total", "deeprx_captured_samples_total", "deeprx_capture_dropped_samples_total",
+                "deeprx_context_ber", "deeprx_store_samples", "deeprx_store_bytes", "deeprx_slot_latency_seconds_bucket")
+
+
+def test_streamed_ber_matches_offline_eval_and_feedback_shows_in_metrics(server, channel, train_mix_file,
+                                                                         tiny_checkpoint):
+    slots, _ = read_slots(train_mix_file)
+    report, results = stream_slots(channel, slots, context="cell-7", streams=3)
+    assert report.slots == len(slots) and report.failures == 0
+    assert set(report.versions) == {"v1"}
+
+    offline = evaluate(load_checkpoint(tiny_checkpoint).model, slots).ber()["deeprx"]
+    assert report.ber == pytest.approx(offline, abs=2e-4), "served LLRs are the offline model's"
+
+    feedback = send_genie_feedback(channel, slots)
+    assert feedback.accepted == len(slots) and feedback.unknown_slots == 0
+    assert sum(e.bit_errors for e in feedback.errors) == report.bit_errors
+
+    server.store.flush()
+    text = scrape(server.metrics_port)
+    for name in NAMED_SERIES:
+        assert re.search(rf"^{name}", text, re.M), f"{name} missing from /metrics"
+    ber = float(re.search(r'^deeprx_context_ber\{context="cell-7"\} (\S+)', text, re.M).group(1))
+    assert ber == pytest.approx(report.bit_errors / report.num_bits, rel=1e-6) and ber > 0
+    assert re.search(r'^deeprx_slots_total\{outcome="ok"\} 64\.0', text, re.M)
+    assert server.store.count(labelled_only=True) == len(slots)
+
+
+def test_stored_labelled_slots_read_back_as_a_pool(server, channel, train_mix_file):
+    slots, _ = read_slots(train_mix_file)
+    subset = slots.select(slice(0, 8))
+    stream_slots(channel, subset, context="pool")
+    send_genie_feedback(channel, subset)
+    server.store.flush()
+    pool, ids = server.store.labelled(context="pool")
+    assert ids == [f"slot-{i}" for i in range(8)]
+    np.testing.assert_array_equal(pool.y, subset.y)
+    np.testing.assert_array_equal(pool.bits, subset.bits)
+    np.testing.assert_array_equal(pool.dmrs_additional_position, subset.dmrs_additional_position)
+    np.testing.assert_allclose(pool.snr_db, subset.snr_db, atol=1e-3)
+
+
+def test_unary_detect_returns_llrs_in_grid_order_and_hard_bits(channel, train_mix_file, tiny_checkpoint):
+    slots, _ = read_slots(train_mix_file)
+    stub = pb_grpc.ReceiverStub(channel)
+    response = stub.Detect(pb.DetectRequest(slots=[slot_message(slots, i, f"u-{i}", "c") for i in range(4)],
+                                            return_hard_bits=True))
+    assert [r.slot_id for r in response.results] == [f"u-{i}" for i in range(4)]
+    for i, result in enumerate(response.results):
+        llrs = codec.decode(result.llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**6)
+        hard = codec.decode(result.hard_bits, "hard_bits", pb.Tensor.UINT8, 2, 10**6)
+        assert llrs.shape == (slots.data_mask[i].sum(), slots.bits_per_symbol[i])
+        np.testing.assert_array_equal(hard, (llrs > 0).astype(np.uint8))
+        assert result.model_version == "v1" and result.server_latency_seconds > 0
+
+
+def test_client_stream_cli_prints_served_and_baseline_ber(server, train_mix_file, capsys):
+    code = client_main(["stream", "--server", f"127.0.0.1:{server.port}", "--data", str(train_mix_file),
+                        "--slots", "16", "--streams", "2", "--context", "cli", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["slots"] == 16 and summary["feedback_accepted"] == 16
+    assert set(summary["ber"]) == {"served", "ls_lmmse", "genie"}
+    assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
+
+
+def test_models_and_activation(server, channel, tiny_checkpoint, capsys):
+    v2 = server.registry.import_checkpoint(tiny_checkpoint, creator="test")
+    assert client_main(["activate", "--server", f"127.0.0.1:{server.port}", "--version", v2]) == 0
+    assert client_main(["models", "--server", f"127.0.0.1:{server.port}"]) == 0
+    out = capsys.readouterr().out
+    assert "active model is now v2" in out and re.search(r"v2\s+\*", out)
+    stub = pb_grpc.ReceiverStub(channel)
+    assert stub.GetModel(pb.GetModelRequest()).version == "v2"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ActivateModel(pb.ActivateModelRequest(version="v99"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "v99" in err.value.details()
+    assert client_main(["activate", "--server", f"127.0.0.1:{server.port}", "--version", "v99"]) == 1
+    assert re.search(r'^deeprx_model_info\{version="v2"\} 1\.0', scrape(server.metrics_port), re.M)
+
+
+def test_health_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "deeprx.v1.Receiver"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"deeprx.v1.Receiver", "grpc.health.v1.Health"} <= names
+
+
+def test_adaptation_rpcs_say_they_are_not_built_yet(channel):
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.ReceiverStub(channel).ListAdaptations(pb.ListAdaptationsRequest())
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_graceful_stop_finishes_in_flight_work_and_flushes_the_store(tmp_path, tiny_checkpoint, train_mix_file):
+    import threading
+
+    from service.config import ServerConfig
+    from service.server import ReceiverServer
+
+    slots, _ = read_slots(train_mix_file)
+    server = ReceiverServer(ServerConfig(port=0, metrics_port=0), tmp_path / "store", tiny_checkpoint).start()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.ReceiverStub(ch)
+        future = stub.Detect.future(pb.DetectRequest(slots=[slot_message(slots, i, f"g-{i}", "g") for i in range(32)]))
+        threading.Timer(0.01, server.stop, kwargs={"grace": 10}).start()
+        assert len(future.result(timeout=30).results) == 32
+    server.wait()
+    from service.store import SampleStore
+    assert SampleStore(tmp_path / "store" / "samples").count() == 32
