@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 DEMO_SLOTS ?= 1000
+DEMO_PORT ?= 50151
+DEMO_METRICS_PORT ?= 9191
 
 .PHONY: install demo test clean proto
 
@@ -18,13 +20,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Simulate held-out slots of the training mix and one drift condition, then evaluate the shipped model.
+# Simulate held-out slots of the training mix and one drift condition, evaluate the shipped model
+# offline, then serve it over gRPC and stream the drift slots through it with genie feedback.
 demo: $(STAMP)
-	mkdir -p $(DEMO)
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/deeprx-client simulate --scenario train --slots $(DEMO_SLOTS) --seed 101 --out $(DEMO)/train-mix.h5
 	$(BIN)/deeprx-client simulate --scenario drift-highspeed --slots $(DEMO_SLOTS) --seed 102 --out $(DEMO)/drift-highspeed.h5
 	$(BIN)/deeprx-service eval --model models/small --data $(DEMO)/train-mix.h5 --plot $(DEMO)/train-mix.png
 	$(BIN)/deeprx-service eval --model models/small --data $(DEMO)/drift-highspeed.h5 --plot $(DEMO)/drift-highspeed.png
+	$(BIN)/deeprx-service serve --model models/small --store $(DEMO)/store --port $(DEMO_PORT) \
+	    --metrics-port $(DEMO_METRICS_PORT) > $(DEMO)/server.log 2>&1 & server=$$!; status=0; \
+	$(BIN)/deeprx-client stream --server 127.0.0.1:$(DEMO_PORT) --data $(DEMO)/drift-highspeed.h5 --slots 256 \
+	    --streams 4 --context drift-highspeed || status=$$?; \
+	$(BIN)/python -c "import urllib.request as u; print(*[l for l in u.urlopen('http://127.0.0.1:$(DEMO_METRICS_PORT)/metrics').read().decode().splitlines() if l.startswith(('deeprx_context_ber', 'deeprx_slots_total', 'deeprx_model_info'))], sep='\n')" || status=$$?; \
+	kill -TERM $$server; wait $$server || status=$$?; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

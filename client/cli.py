@@ -37,10 +37,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channel(server: str):
+def _channel(server: str, wait_s: float = 30.0):
+    """A channel to ``server``, once it answers (a service that is still starting gets ``wait_s``)."""
     import grpc
-    return grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                                                  ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+
+    channel = grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                                     ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    try:
+        grpc.channel_ready_future(channel).result(timeout=wait_s)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        raise ConnectionError(f"no receiver service answered at {server} within {wait_s:g} s") from None
+    return channel
 
 
 def _load_or_simulate(args: argparse.Namespace):
@@ -70,9 +78,9 @@ def _stream(args: argparse.Namespace) -> int:
     if not args.data and not args.slots:
         raise ScenarioError("give --slots with --scenario")
     slots = _load_or_simulate(args)
-    with _channel(args.server) as channel:
+    with _channel(args.server, args.connect_timeout) as channel:
         report, _ = stream_slots(channel, slots, args.context, streams=args.streams, rate=args.rate,
-                                 prefix=args.prefix)
+                                 prefix=args.prefix, window=args.window)
         feedback = send_genie_feedback(channel, slots, prefix=args.prefix) if args.feedback == "genie" else None
     bits = max(1, int(slots.num_bits.sum()))
     summary = {
@@ -105,7 +113,7 @@ def _models(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
     from proto import receiver_pb2_grpc as pb_grpc
 
-    with _channel(args.server) as channel:
+    with _channel(args.server, args.connect_timeout) as channel:
         response = pb_grpc.ReceiverStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
     print(f"{'version':>8} {'active':>6} {'parent':>8} {'creator':>16} {'created':>25}  metrics")
     for m in response.models:
@@ -118,7 +126,7 @@ def _activate(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
     from proto import receiver_pb2_grpc as pb_grpc
 
-    with _channel(args.server) as channel:
+    with _channel(args.server, args.connect_timeout) as channel:
         info = pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=args.version),
                                                            timeout=args.timeout)
     print(f"active model is now {info.version}")
@@ -148,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate slots (or read --data), stream them over gRPC, send genie feedback, and print "
                     "the served BER beside the LS-LMMSE and genie BER of the same slots, throughput and latency.",
     )
+    stream.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
+                        help="seconds to wait for the service to answer")
     stream.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the service")
     source = stream.add_mutually_exclusive_group(required=True)
     source.add_argument("--scenario", help=SCENARIO_HELP)
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--rate", type=float, default=0.0, help="total slots/s to send (0: as fast as served)")
     stream.add_argument("--streams", type=int, default=1, help="concurrent StreamDetect calls")
+    stream.add_argument("--window", type=int, default=8, help="slots in flight per stream (closed loop)")
     stream.add_argument("--feedback", choices=("genie", "none"), default="genie",
                         help="report the true coded bits after streaming")
     stream.add_argument("--context", default="default", help="context key the slots are served under")
@@ -164,11 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     stream.set_defaults(run=_stream)
 
     models = commands.add_parser("models", help="list the service's model versions")
+    models.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
+                        help="seconds to wait for the service to answer")
     models.add_argument("--server", default="127.0.0.1:50051")
     models.add_argument("--timeout", type=float, default=10.0)
     models.set_defaults(run=_models)
 
     activate = commands.add_parser("activate", help="switch the service to (or roll back to) a stored version")
+    activate.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
+                        help="seconds to wait for the service to answer")
     activate.add_argument("--server", default="127.0.0.1:50051")
     activate.add_argument("--version", required=True, help="version name, e.g. v3")
     activate.add_argument("--timeout", type=float, default=10.0)
@@ -187,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except grpc.RpcError as err:
         print(f"deeprx-client: error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except (ConnectionError, FileNotFoundError) as err:
+        print(f"deeprx-client: error: {err}", file=sys.stderr)
         return 1
 
 

@@ -53,9 +53,12 @@ class StreamReport:
 
 
 def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams: int = 1, rate: float = 0.0,
-                 prefix: str = "slot", on_result=None) -> tuple[StreamReport, dict[str, pb.SlotResult]]:
+                 prefix: str = "slot", window: int = 8,
+                 on_result=None) -> tuple[StreamReport, dict[str, pb.SlotResult]]:
     """Send every slot over ``streams`` concurrent StreamDetect calls (slot i on stream i % streams),
-    pacing to ``rate`` slots/s in total when > 0. Returns the report and the results by slot id."""
+    pacing to ``rate`` slots/s in total when > 0, with at most ``window`` slots in flight per stream
+    (a closed loop, so latency is service time rather than queue depth).
+    Returns the report and the results by slot id."""
     stub = pb_grpc.ReceiverStub(channel)
     report = StreamReport()
     results: dict[str, pb.SlotResult] = {}
@@ -65,9 +68,11 @@ def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams:
     def run(stream_index: int) -> None:
         rows = list(range(stream_index, len(slots), streams))
         sent: dict[str, float] = {}
+        in_flight = threading.Semaphore(window)
 
         def requests():
             for n, row in enumerate(rows):
+                in_flight.acquire()
                 if rate > 0:
                     due = start + (n * streams + stream_index) / rate
                     time.sleep(max(0.0, due - time.perf_counter()))
@@ -76,6 +81,7 @@ def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams:
                 yield pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, context))
 
         for result in stub.StreamDetect(requests()):
+            in_flight.release()
             latency = time.perf_counter() - sent[result.slot_id]
             with lock:
                 results[result.slot_id] = result
