@@ -73,6 +73,38 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _influence(args: argparse.Namespace) -> int:
+    from schema.dataset import read_slots
+    from service.checkpoint import load_checkpoint
+    from service.influence.curvature import CurvatureConfig
+    from service.influence.engine import InfluenceConfig, rank_pool
+
+    model = load_checkpoint(args.model).model
+    pool, _ = read_slots(args.pool)
+    targets, target_attrs = read_slots(args.targets)
+    config = InfluenceConfig(CurvatureConfig(method=args.method, damping=args.damping, rank=args.rank),
+                             score=args.score, fit_slots=args.fit_slots, compression=args.compress)
+    result = rank_pool(model, pool, targets, config)
+    top = []
+    for index in result.ranking()[: args.top].tolist():
+        top.append({"index": index, "score": float(result.scores[index]), "channel": str(pool.channel[index]),
+                    "delay_spread_ns": float(pool.delay_spread_ns[index]), "speed_mps": float(pool.speed_mps[index]),
+                    "snr_db": float(pool.snr_db[index]),
+                    "dmrs_additional_position": int(pool.dmrs_additional_position[index])})
+    if args.json:
+        print(json.dumps({"top": top, "timings": result.timings, "method": args.method, "score": args.score,
+                          "pool": len(pool), "targets": len(targets), "parameters": result.parameters}))
+        return 0
+    print(f"{len(pool)} pool slots ranked for {len(targets)} target slots ({target_attrs.get('scenario', '')}); "
+          f"{args.method} curvature, {args.score} scores over {result.parameters} parameters; negative = beneficial")
+    print(f"{'rank':>4} {'index':>6} {'score':>11} {'channel':>7} {'ds ns':>6} {'speed':>6} {'snr dB':>6} {'dmrs':>4}")
+    for rank, row in enumerate(top, 1):
+        print(f"{rank:>4} {row['index']:>6} {row['score']:>11.4g} {row['channel']:>7} {row['delay_spread_ns']:>6.0f} "
+              f"{row['speed_mps']:>6.1f} {row['snr_db']:>6.1f} {row['dmrs_additional_position']:>4}")
+    print("timings [s]: " + ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.train import TrainConfig
 
@@ -110,6 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=Path, help="write a BER-vs-SNR plot (PNG) here")
     ev.add_argument("--bin-width", type=float, default=5.0, help="SNR bin width in dB")
     ev.set_defaults(run=_eval)
+
+    from service.influence.curvature import METHODS
+    from service.influence.scores import NORMALISATIONS
+
+    influence = commands.add_parser(
+        "influence", help="rank pool slots by how much training on them would lower a target's loss",
+        description="Influence I(z,T) = -g_T^T H^-1 g(z) of every pool slot z on the mean loss of the target "
+                    "slots T; negative = beneficial. Prints the top (most beneficial) slots with their scenario "
+                    "parameters, so you can see which conditions help the target.")
+    influence.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    influence.add_argument("--pool", type=Path, required=True, help="HDF5 pool of labelled slots")
+    influence.add_argument("--targets", type=Path, required=True, help="HDF5 target slots (the weak condition)")
+    influence.add_argument("--method", choices=METHODS, default="ekfac", help="curvature H (default ekfac)")
+    influence.add_argument("--score", choices=NORMALISATIONS, default="l-relative", help="score normalisation")
+    influence.add_argument("--damping", type=float, help="damping lambda (default: 0.1 x mean GGN eigenvalue)")
+    influence.add_argument("--rank", type=int, default=64, help="eigenpairs kept by --method arnoldi")
+    influence.add_argument("--fit-slots", dest="fit_slots", type=int, default=512,
+                           help="pool slots the curvature is fitted on")
+    influence.add_argument("--compress", help="sketch gradients: mask:FRACTION, gauss:DIM or sjlt:DIM "
+                                              "(raw and l-relative scores)")
+    influence.add_argument("--top", type=int, default=10, help="how many pool slots to print")
+    influence.add_argument("--json", action="store_true", help="print one JSON object")
+    influence.set_defaults(run=_influence)
 
     serve = commands.add_parser("serve", help="run the gRPC receiver service",
                                 description="Serve DeepRx over gRPC (deeprx.v1.Receiver, health, reflection) "
