@@ -10,7 +10,6 @@ import queue
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,7 +29,8 @@ from service.features import featurize
 from service.metrics import ServiceMetrics
 from service.monitor import FeedbackMonitor, ServedSlot
 from service.registry import ModelRegistry, ModelVersion, UnknownVersion
-from service.store import CapturedSlot, SampleStore, SlotLabel
+from service.slot import ReceivedSlot
+from service.store import SampleStore, SlotLabel
 
 log = logging.getLogger("deeprx.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Receiver"].full_name
@@ -51,19 +51,7 @@ def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-@dataclass(frozen=True)
-class DecodedSlot:
-    slot_id: str
-    context: str
-    grid: np.ndarray  # complex64 [A, 14, F]
-    pilots: np.ndarray  # complex64 [14, F]
-    data_mask: np.ndarray  # bool [14, F]
-    bits_per_symbol: int
-    noise_variance: float
-    arrival: float
-
-
-def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: int) -> DecodedSlot:
+def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: int) -> ReceivedSlot:
     """Validate one Slot message; every error names the offending field."""
     arrival = time.perf_counter()
     if not slot.slot_id or len(slot.slot_id) > MAX_ID_LENGTH:
@@ -96,7 +84,7 @@ def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: in
         raise _invalid(f"{field}.data_mask: no data REs")
     if not (np.abs(pilots) > 0).any():
         raise _invalid(f"{field}.pilots: no pilot REs")
-    return DecodedSlot(slot.slot_id, slot.context or "default", grid, pilots, data, int(slot.modulation),
+    return ReceivedSlot(slot.slot_id, slot.context or "default", grid, pilots, data, int(slot.modulation),
                        float(slot.noise_variance), arrival)
 
 
@@ -135,17 +123,17 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "no active model")
         return version
 
-    def _decode(self, slot: pb.Slot, field: str, version: ModelVersion) -> DecodedSlot:
+    def _decode(self, slot: pb.Slot, field: str, version: ModelVersion) -> ReceivedSlot:
         return decode_slot(slot, field, version.model.config.rx, self.config.limits.max_subcarriers)
 
-    def _submit(self, slot: DecodedSlot, version: ModelVersion):
+    def _submit(self, slot: ReceivedSlot, version: ModelVersion):
         features = featurize(torch.from_numpy(slot.grid)[None], torch.from_numpy(slot.pilots)[None])[0]
         try:
             return self.batcher.submit(features, slot.bits_per_symbol, version)
         except BatcherClosed as err:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
 
-    def _finish(self, slot: DecodedSlot, logits: torch.Tensor, version: ModelVersion,
+    def _finish(self, slot: ReceivedSlot, logits: torch.Tensor, version: ModelVersion,
                 return_hard_bits: bool) -> pb.SlotResult:
         """LLRs at the data REs in grid order; remember and capture what was served."""
         k = slot.bits_per_symbol
@@ -156,8 +144,7 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
         self.metrics.slots.labels("ok").inc()
         self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard))
         if self.store is not None:
-            self.store.capture(CapturedSlot(slot.slot_id, slot.context, version.version, slot.grid, slot.pilots,
-                                            slot.data_mask, k, slot.noise_variance))
+            self.store.capture(slot, version.version)
         return pb.SlotResult(slot_id=slot.slot_id, llrs=codec.encode(llrs),
                              hard_bits=codec.encode(hard) if return_hard_bits else None,
                              model_version=version.version, server_latency_seconds=latency)

@@ -23,6 +23,7 @@ import numpy as np
 
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
+from service.slot import ReceivedSlot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -51,14 +52,8 @@ CREATE INDEX IF NOT EXISTS samples_context ON samples (context, id);
 
 @dataclass(frozen=True)
 class CapturedSlot:
-    slot_id: str
-    context: str
+    slot: ReceivedSlot
     model_version: str
-    grid: np.ndarray  # complex64 [A, 14, F]
-    pilots: np.ndarray  # complex64 [14, F]
-    data_mask: np.ndarray  # bool [14, F]
-    bits_per_symbol: int
-    noise_variance: float
 
 
 @dataclass(frozen=True)
@@ -108,9 +103,9 @@ class SampleStore:
             self._on_dropped()
             return False
 
-    def capture(self, slot: CapturedSlot) -> bool:
-        """Queue a slot for storage; False (and counted) when the queue is full."""
-        return self._offer(slot)
+    def capture(self, slot: ReceivedSlot, model_version: str) -> bool:
+        """Queue a slot served by ``model_version`` for storage; False (and counted) when the queue is full."""
+        return self._offer(CapturedSlot(slot, model_version))
 
     def label(self, label: SlotLabel) -> bool:
         """Queue a feedback label for a captured slot."""
@@ -135,10 +130,11 @@ class SampleStore:
                 db.executemany(
                     "INSERT OR IGNORE INTO samples (slot_id, context, model_version, created, rx, subcarriers, "
                     "bits_per_symbol, noise_variance, grid, pilots, data_mask) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [(s.slot_id, s.context, s.model_version, time.time(), s.grid.shape[0], s.grid.shape[2],
-                      s.bits_per_symbol, s.noise_variance, s.grid.astype(np.complex64).tobytes(),
-                      s.pilots.astype(np.complex64).tobytes(), s.data_mask.astype(np.uint8).tobytes())
-                     for s in slots])
+                    [(c.slot.slot_id, c.slot.context, c.model_version, time.time(), c.slot.grid.shape[0],
+                      c.slot.grid.shape[2], c.slot.bits_per_symbol, c.slot.noise_variance,
+                      c.slot.grid.astype(np.complex64).tobytes(), c.slot.pilots.astype(np.complex64).tobytes(),
+                      c.slot.data_mask.astype(np.uint8).tobytes())
+                     for c in slots])
                 db.executemany(
                     "UPDATE samples SET labels=?, label_source=?, bit_errors=?, num_bits=?, "
                     "reference_genie_errors=?, reference_ls_lmmse_errors=? WHERE slot_id=?",

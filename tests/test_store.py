@@ -4,23 +4,24 @@ import time
 import numpy as np
 import pytest
 
-from service.store import CapturedSlot, SampleStore, SlotLabel
+from service.slot import ReceivedSlot
+from service.store import SampleStore, SlotLabel
 
 
-def _slot(i: int, context: str = "c") -> CapturedSlot:
+def _slot(i: int, context: str = "c") -> ReceivedSlot:
     rng = np.random.default_rng(i)
     grid = (rng.standard_normal((2, 14, 12)) + 1j * rng.standard_normal((2, 14, 12))).astype(np.complex64)
     pilots = np.zeros((14, 12), np.complex64)
     pilots[2, ::2] = 1 + 1j
     mask = np.ones((14, 12), bool)
     mask[2] = False
-    return CapturedSlot(f"s{i}", context, "v1", grid, pilots, mask, 2, 0.1)
+    return ReceivedSlot(f"s{i}", context, grid, pilots, mask, 2, 0.1)
 
 
 def test_retention_keeps_the_newest_samples(tmp_path):
     store = SampleStore(tmp_path, max_samples=10)
     for i in range(25):
-        store.capture(_slot(i))
+        store.capture(_slot(i), "v1")
     store.flush()
     assert store.count() == 10
     for i in range(15, 25):
@@ -38,10 +39,10 @@ def test_full_queue_drops_and_counts_without_waiting(tmp_path):
     store = SampleStore(tmp_path, queue_size=4, on_dropped=lambda: dropped.append(1))
     blocker = sqlite3.connect(store.path, timeout=30)
     blocker.execute("BEGIN EXCLUSIVE")  # the writer blocks on its next commit
-    store.capture(_slot(0))
+    store.capture(_slot(0), "v1")
     time.sleep(0.2)  # the writer has taken slot 0 and waits for the lock
     start = time.perf_counter()
-    accepted = [store.capture(_slot(i)) for i in range(1, 21)]
+    accepted = [store.capture(_slot(i), "v1") for i in range(1, 21)]
     assert time.perf_counter() - start < 0.5, "capture never waits"
     assert sum(accepted) == 4 and len(dropped) == 16
     blocker.rollback()
