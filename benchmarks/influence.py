@@ -6,7 +6,7 @@
   Spearman and the cost ratio of features vs per-sample gradients;
 - which conditions the top-ranked pool slots come from, against the pool's base rates.
 
-Peak memory is measured per method in a forked child (its max RSS minus its RSS at the start).
+Peak memory is measured per method in a forked child (``benchmarks/child.py``).
 
     .venv/bin/python benchmarks/influence.py --model models/small --pool data/pool.h5 --targets data/drift.h5
 """
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.child import run_in_child  # noqa: E402
 from schema.dataset import read_slots  # noqa: E402
 from service.checkpoint import load_checkpoint  # noqa: E402
 from service.features import prepare  # noqa: E402
@@ -33,33 +32,6 @@ from service.influence.curvature import CurvatureConfig, default_damping, fit_cu
 from service.influence.gradients import ParameterSpace  # noqa: E402
 from service.influence.learned import EstimatorConfig, InfluenceEstimator, slot_features, spearman  # noqa: E402
 from service.influence.scores import influence, normalised  # noqa: E402
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
-def _in_child(fn, *args):
-    """Run fn in a forked child; return (result, seconds, peak extra memory in bytes).
-    Tensors come back as numpy arrays through the pipe (torch's fd sharing needs the child alive)."""
-    queue = mp.get_context("fork").SimpleQueue()
-    to_numpy = lambda r: tuple(map(to_numpy, r)) if isinstance(r, tuple) else r.numpy()  # noqa: E731
-    to_torch = lambda r: tuple(map(to_torch, r)) if isinstance(r, tuple) else torch.from_numpy(r)  # noqa: E731
-
-    def child():
-        start_rss = _rss_bytes()
-        start = time.perf_counter()
-        result = to_numpy(fn(*args))
-        seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        queue.put((result, seconds, max(0, peak - start_rss)))
-
-    process = mp.get_context("fork").Process(target=child)
-    process.start()
-    result, seconds, memory = queue.get()
-    process.join()
-    return to_torch(result), seconds, memory
 
 
 def main() -> int:
@@ -88,7 +60,7 @@ def main() -> int:
     out: dict = {"model": str(args.model), "parameters": space.size, "pool": len(pool), "targets": len(targets),
                  "target_scenario": target_attrs.get("scenario", ""), "fit_slots": len(fit)}
 
-    gradients, seconds, memory = _in_child(space.per_sample_gradients, pool)
+    gradients, seconds, memory = run_in_child(space.per_sample_gradients, pool)
     target_gradient = space.mean_gradient(targets)
     out["pool_gradients"] = {"seconds": seconds, "peak_bytes": memory, "samples_per_second": len(pool) / seconds}
     print(f"per-sample gradients: {len(pool)} x {space.size} in {seconds:.1f} s ({len(pool) / seconds:.0f}/s)")
@@ -101,7 +73,7 @@ def main() -> int:
         return influence(target_gradient, gradients, curvature), normalised("l-relative", target_gradient,
                                                                             gradients, curvature)
 
-    reference, seconds, memory = _in_child(
+    reference, seconds, memory = run_in_child(
         lambda: influence(target_gradient, gradients, fit_curvature(
             space, fit, CurvatureConfig(method="cg", damping=damping, cg_iterations=args.cg_iterations,
                                         cg_tolerance=1e-6))))
@@ -109,7 +81,7 @@ def main() -> int:
     print(f"cg reference: {seconds:.1f} s")
     exact_by_method = {}
     for method in args.methods.split(","):
-        (raw, relative), seconds, memory = _in_child(scores_with, method, {"rank": 64} if method == "arnoldi" else {})
+        (raw, relative), seconds, memory = run_in_child(scores_with, method, {"rank": 64} if method == "arnoldi" else {})
         exact_by_method[method] = (raw, relative)
         out["methods"][method] = {"seconds": seconds, "peak_bytes": memory,
                                   "spearman_vs_cg": spearman(raw, reference),
@@ -126,7 +98,7 @@ def main() -> int:
             def sketched():
                 return -(compressor(gradients) @ compressor(preconditioned_target))
 
-            scores, seconds, memory = _in_child(sketched)
+            scores, seconds, memory = run_in_child(sketched)
             row = {"curvature": base, "compression": spec, "dim": compressor.output_dim(space.size),
                    "seconds": seconds, "peak_bytes": memory,
                    "spearman_vs_uncompressed": spearman(scores, exact_by_method.get(base, (reference,))[0])}
