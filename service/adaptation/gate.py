@@ -1,0 +1,46 @@
+"""The validation gate: a candidate model is served only if it helps the target and hurts nothing else.
+
+Accept when held-out target BER falls by at least ``min_relative_improvement`` (relative) and the
+fixed regression set's BER (slots of the training mix) rises by at most ``max_regression``
+(absolute). Rejected candidates are kept for inspection, never served.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from service.features import SlotTensors
+from service.model import DeepRx
+from service.train import validate
+
+
+@dataclass
+class GateConfig:
+    min_relative_improvement: float = 0.02
+    max_regression: float = 0.002
+
+
+@dataclass
+class GateDecision:
+    accepted: bool
+    target_ber_before: float
+    target_ber_after: float
+    regression_ber_before: float
+    regression_ber_after: float
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gate(baseline: DeepRx, candidate: DeepRx, held_out_target: SlotTensors, regression: SlotTensors,
+         config: GateConfig) -> GateDecision:
+    before, after = validate(baseline, held_out_target)["ber"], validate(candidate, held_out_target)["ber"]
+    reg_before, reg_after = validate(baseline, regression)["ber"], validate(candidate, regression)["ber"]
+    if after > before * (1 - config.min_relative_improvement):
+        reason = f"target BER {before:.5f} -> {after:.5f}: less than {config.min_relative_improvement:.0%} better"
+        return GateDecision(False, before, after, reg_before, reg_after, reason)
+    if reg_after > reg_before + config.max_regression:
+        reason = f"regression BER {reg_before:.5f} -> {reg_after:.5f}: worse by more than {config.max_regression}"
+        return GateDecision(False, before, after, reg_before, reg_after, reason)
+    return GateDecision(True, before, after, reg_before, reg_after,
+                        f"target BER {before:.5f} -> {after:.5f}, regression {reg_before:.5f} -> {reg_after:.5f}")

@@ -1,0 +1,133 @@
+"""Update rules that adapt DeepRx to a target, and the baselines they are compared with.
+
+- ``first-order``: fine-tune on the top-k beneficial pool slots (most negative influence);
+- ``second-order``: the influence-aligned step ``delta = -eta H^-1 sum_z w_z g(z)`` over the
+  beneficial set, with ``w_z`` proportional to ``-I(z, T)`` (normalised to sum 1), the same H as
+  the retrieval, and ``eta`` chosen by a line search on the target's adaptation slots;
+- ``random``: fine-tune on k pool slots drawn uniformly (same k and steps as first-order);
+- ``target-only``: fine-tune on the target's own adaptation slots.
+
+Every rule returns a new model; the input model is never modified. Batch norm stays in eval mode
+during fine-tuning (running statistics frozen), matching the per-sample gradients influence used.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from service.features import SlotTensors
+from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.gradients import ParameterSpace
+from service.influence.scores import influence, normalised
+from service.loss import bce_bits, per_slot_bce_bits
+from service.model import DeepRx
+
+METHODS = ("first-order", "second-order", "random", "target-only")
+
+
+@dataclass
+class UpdateConfig:
+    method: str = "first-order"
+    k: int = 64  # pool slots selected
+    steps: int = 50  # fine-tuning steps
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    score: str = "l-relative"  # ranking score for selection
+    curvature: CurvatureConfig = field(default_factory=lambda: CurvatureConfig(method="ekfac"))
+    fit_slots: int = 256
+    line_search: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # eta candidates, in units of the step norm
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown update method '{self.method}' (one of {', '.join(METHODS)})")
+
+
+@dataclass
+class UpdateResult:
+    model: DeepRx
+    selected: torch.Tensor | None  # pool indices used (None for target-only)
+    scores: torch.Tensor | None  # their influence scores
+    details: dict
+
+
+def target_loss(model: DeepRx, data: SlotTensors) -> float:
+    """Mean BCE-in-bits of ``model`` (eval mode) on ``data``."""
+    model.eval()
+    with torch.no_grad():
+        return float(per_slot_bce_bits(model(data.features, data.bits_per_symbol), data.labels, data.valid).mean())
+
+
+def fine_tune(model: DeepRx, data: SlotTensors, steps: int, batch_size: int, learning_rate: float,
+              seed: int) -> DeepRx:
+    """Adam on ``data`` for ``steps`` minibatches; a copy of ``model`` is trained, BN statistics frozen."""
+    tuned = copy.deepcopy(model).eval()
+    optimiser = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=generator)
+        batch = data[index]
+        loss = bce_bits(tuned(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return tuned.eval()
+
+
+def select_beneficial(model: DeepRx, pool: SlotTensors, target: SlotTensors, config: UpdateConfig,
+                      space: ParameterSpace | None = None):
+    """Scores of the pool for the target, the top-k beneficial indices, and the curvature used."""
+    space = space or ParameterSpace.convolutions(model.eval())
+    fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
+    curvature = fit_curvature(space, fit, config.curvature)
+    gradients = space.per_sample_gradients(pool)
+    target_gradient = space.mean_gradient(target)
+    scores = normalised(config.score, target_gradient, gradients, curvature)
+    order = torch.argsort(scores)
+    selected = order[: config.k][scores[order[: config.k]] < 0]  # beneficial only
+    return scores, selected, curvature, gradients, space
+
+
+def second_order_step(model: DeepRx, space: ParameterSpace, curvature, gradients: torch.Tensor,
+                      weights: torch.Tensor, adaptation: SlotTensors, etas: tuple[float, ...]) -> tuple[DeepRx, dict]:
+    """``theta - eta H^-1 sum_z w_z g(z)`` with eta picked by the lowest adaptation-target loss."""
+    direction = curvature.solve(weights @ gradients)
+    norm = float(direction.norm())
+    theta = space.flatten(space.values())
+    best_model, best_loss, best_eta = model, target_loss(model, adaptation), 0.0
+    for scale in etas:
+        eta = scale / max(norm, 1e-12)
+        candidate = copy.deepcopy(model)
+        params = dict(candidate.named_parameters())
+        with torch.no_grad():
+            for name, value in space.unflatten(theta - eta * direction).items():
+                params[name].copy_(value)
+        loss = target_loss(candidate, adaptation)
+        if loss < best_loss:
+            best_model, best_loss, best_eta = candidate, loss, eta
+    return best_model.eval(), {"eta": best_eta, "step_norm": best_eta * norm, "adaptation_loss": best_loss}
+
+
+def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: UpdateConfig) -> UpdateResult:
+    """Apply ``config.method`` to adapt ``model`` to the target's ``adaptation`` slots."""
+    if config.method == "target-only":
+        tuned = fine_tune(model, adaptation, config.steps, config.batch_size, config.learning_rate, config.seed)
+        return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation)})
+    if config.method == "random":
+        chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.k]
+        tuned = fine_tune(model, pool[chosen], config.steps, config.batch_size, config.learning_rate, config.seed)
+        return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen)})
+    scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config)
+    details = {"method": config.method, "slots": int(len(selected)), "beneficial_in_pool": int((scores < 0).sum())}
+    if len(selected) == 0:
+        return UpdateResult(copy.deepcopy(model).eval(), selected, scores[selected], {**details, "note": "none beneficial"})
+    if config.method == "first-order":
+        tuned = fine_tune(model, pool[selected], config.steps, config.batch_size, config.learning_rate, config.seed)
+        return UpdateResult(tuned, selected, scores[selected], details)
+    raw = influence(space.mean_gradient(adaptation), gradients[selected], curvature)
+    weights = torch.zeros(len(pool), dtype=gradients.dtype)
+    weights[selected] = (-raw).clamp_min(0) / (-raw).clamp_min(0).sum().clamp_min(1e-30)
+    tuned, step = second_order_step(model, space, curvature, gradients, weights, adaptation, config.line_search)
+    return UpdateResult(tuned, selected, scores[selected], {**details, **step})
