@@ -24,10 +24,34 @@ class BerWindow:
     errors: int
     bits: int
     slots: int
+    genie_errors: int = 0  # reference errors reported by the client, over ``genie_bits`` bits
+    genie_bits: int = 0
 
     @property
     def ber(self) -> float:
         return self.errors / self.bits if self.bits else 0.0
+
+    @property
+    def genie_ber(self) -> float | None:
+        return self.genie_errors / self.genie_bits if self.genie_bits else None
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    """A context is a target when, over at least ``min_slots`` labelled slots, its BER exceeds
+    ``absolute_ber``, or ``relative_to_genie`` times the genie BER the client reported."""
+
+    absolute_ber: float = 0.05
+    relative_to_genie: float | None = 1.5
+    min_slots: int = 50
+
+    def is_target(self, window: BerWindow) -> bool:
+        if window.slots < self.min_slots:
+            return False
+        if window.ber > self.absolute_ber:
+            return True
+        genie = window.genie_ber
+        return self.relative_to_genie is not None and genie is not None and window.ber > self.relative_to_genie * genie
 
 
 class FeedbackMonitor:
@@ -49,14 +73,25 @@ class FeedbackMonitor:
         with self._lock:
             return self._served.get(slot_id)
 
-    def record(self, context: str, errors: int, bits: int) -> BerWindow:
+    def record(self, context: str, errors: int, bits: int, genie_errors: int | None = None) -> BerWindow:
         """Add one labelled slot to ``context``'s window and return the window's totals."""
         with self._lock:
             window = self._windows.setdefault(context, deque(maxlen=self._window_slots))
-            window.append((errors, bits))
-            return BerWindow(sum(e for e, _ in window), sum(b for _, b in window), len(window))
+            window.append((errors, bits, genie_errors))
+            return self._totals(window)
+
+    @staticmethod
+    def _totals(window) -> BerWindow:
+        reported = [(g, b) for _, b, g in window if g is not None]
+        return BerWindow(sum(e for e, _, _ in window), sum(b for _, b, _ in window), len(window),
+                         sum(g for g, _ in reported), sum(b for _, b in reported))
 
     def window(self, context: str) -> BerWindow:
         with self._lock:
-            window = self._windows.get(context, ())
-            return BerWindow(sum(e for e, _ in window), sum(b for _, b in window), len(window))
+            return self._totals(self._windows.get(context, ()))
+
+    def targets(self, rule: TargetRule) -> dict[str, BerWindow]:
+        """Contexts that currently meet ``rule``, with their windows."""
+        with self._lock:
+            windows = {context: self._totals(w) for context, w in self._windows.items()}
+        return {context: w for context, w in windows.items() if rule.is_target(w)}

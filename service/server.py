@@ -254,14 +254,15 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
                 continue
             errors, num_bits = int((bits != served.hard_bits).sum()), int(bits.size)
             label = self.metrics.context_label(served.context)
-            window = self.monitor.record(label, errors, num_bits)
+            genie = item.reference_genie_errors if item.HasField("reference_genie_errors") else None
+            window = self.monitor.record(label, errors, num_bits, genie)
             self.metrics.feedback_bits.labels(label).inc(num_bits)
             self.metrics.feedback_bit_errors.labels(label).inc(errors)
             self.metrics.context_ber.labels(label).set(window.ber)
             if self.store is not None:
-                self.store.label(SlotLabel(item.slot_id, bits, source, errors, num_bits,
-                                           item.reference_genie_errors if item.reference_genie_errors else None,
-                                           item.reference_ls_lmmse_errors if item.reference_ls_lmmse_errors else None))
+                self.store.label(SlotLabel(item.slot_id, bits, source, errors, num_bits, genie,
+                                           item.reference_ls_lmmse_errors
+                                           if item.HasField("reference_ls_lmmse_errors") else None))
             response.accepted += 1
             response.errors.add(slot_id=item.slot_id, context=served.context, bit_errors=errors,
                                 num_bits=num_bits, model_version=served.model_version)
