@@ -213,7 +213,7 @@ class AdaptationRequest(_message.Message):
     def __init__(self, context: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AdaptationJob(_message.Message):
-    __slots__ = ("job_id", "state", "method", "context", "progress", "ber_before", "ber_after", "new_version", "message")
+    __slots__ = ("job_id", "state", "method", "context", "progress", "ber_before", "ber_after", "new_version", "message", "regression_ber_before", "regression_ber_after", "selected_summary", "rolled_back")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[AdaptationJob.State]
@@ -237,6 +237,10 @@ class AdaptationJob(_message.Message):
     BER_AFTER_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REGRESSION_BER_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    REGRESSION_BER_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: AdaptationJob.State
     method: str
@@ -246,7 +250,35 @@ class AdaptationJob(_message.Message):
     ber_after: float
     new_version: str
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[AdaptationJob.State, str]] = ..., method: _Optional[str] = ..., context: _Optional[str] = ..., progress: _Optional[float] = ..., ber_before: _Optional[float] = ..., ber_after: _Optional[float] = ..., new_version: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    regression_ber_before: float
+    regression_ber_after: float
+    selected_summary: str
+    rolled_back: bool
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[AdaptationJob.State, str]] = ..., method: _Optional[str] = ..., context: _Optional[str] = ..., progress: _Optional[float] = ..., ber_before: _Optional[float] = ..., ber_after: _Optional[float] = ..., new_version: _Optional[str] = ..., message: _Optional[str] = ..., regression_ber_before: _Optional[float] = ..., regression_ber_after: _Optional[float] = ..., selected_summary: _Optional[str] = ..., rolled_back: _Optional[bool] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("context", "ber", "genie_ber", "slots", "is_target")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    BER_FIELD_NUMBER: _ClassVar[int]
+    GENIE_BER_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    IS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    context: str
+    ber: float
+    genie_ber: float
+    slots: int
+    is_target: bool
+    def __init__(self, context: _Optional[str] = ..., ber: _Optional[float] = ..., genie_ber: _Optional[float] = ..., slots: _Optional[int] = ..., is_target: _Optional[bool] = ...) -> None: ...
+
+class ListTargetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTargetsResponse(_message.Message):
+    __slots__ = ("contexts",)
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    contexts: _containers.RepeatedCompositeFieldContainer[Target]
+    def __init__(self, contexts: _Optional[_Iterable[_Union[Target, _Mapping]]] = ...) -> None: ...
 
 class GetAdaptationRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -64,6 +64,11 @@ class ReceiverStub:
                 request_serializer=proto_dot_receiver__pb2.ActivateModelRequest.SerializeToString,
                 response_deserializer=proto_dot_receiver__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListTargets = channel.unary_unary(
+                '/deeprx.v1.Receiver/ListTargets',
+                request_serializer=proto_dot_receiver__pb2.ListTargetsRequest.SerializeToString,
+                response_deserializer=proto_dot_receiver__pb2.ListTargetsResponse.FromString,
+                _registered_method=True)
         self.TriggerAdaptation = channel.unary_unary(
                 '/deeprx.v1.Receiver/TriggerAdaptation',
                 request_serializer=proto_dot_receiver__pb2.AdaptationRequest.SerializeToString,
@@ -120,6 +125,12 @@ class ReceiverServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTargets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def TriggerAdaptation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -170,6 +181,11 @@ def add_ReceiverServicer_to_server(servicer, server):
                     servicer.ActivateModel,
                     request_deserializer=proto_dot_receiver__pb2.ActivateModelRequest.FromString,
                     response_serializer=proto_dot_receiver__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTargets,
+                    request_deserializer=proto_dot_receiver__pb2.ListTargetsRequest.FromString,
+                    response_serializer=proto_dot_receiver__pb2.ListTargetsResponse.SerializeToString,
             ),
             'TriggerAdaptation': grpc.unary_unary_rpc_method_handler(
                     servicer.TriggerAdaptation,
@@ -349,6 +365,33 @@ class Receiver:
             '/deeprx.v1.Receiver/ActivateModel',
             proto_dot_receiver__pb2.ActivateModelRequest.SerializeToString,
             proto_dot_receiver__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deeprx.v1.Receiver/ListTargets',
+            proto_dot_receiver__pb2.ListTargetsRequest.SerializeToString,
+            proto_dot_receiver__pb2.ListTargetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

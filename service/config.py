@@ -14,12 +14,19 @@ Example ``server.toml``::
 
     [monitor]
     max_contexts = 64
+
+    [adaptation]
+    pool = "data/pool.h5"
+    regression = "data/train-heldout.h5"
+    method = "first-order"
 """
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+
+from service.adaptation.worker import AdaptationConfig
 
 
 @dataclass
@@ -51,6 +58,9 @@ class MonitorConfig:
     max_contexts: int = 64  # contexts beyond this share the label "_other"
     ber_window_slots: int = 200  # per-context BER gauge covers the last N slots with feedback
     served_slots_memory: int = 100_000  # slots remembered for feedback matching
+    target_absolute_ber: float = 0.05  # a context is a target above this BER ...
+    target_relative_to_genie: float = 1.5  # ... or above this multiple of the reported genie BER
+    target_min_slots: int = 50  # ... over at least this many labelled slots
 
 
 @dataclass
@@ -62,6 +72,7 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
 
     @staticmethod
     def from_toml(path: str | Path) -> "ServerConfig":

@@ -56,6 +56,18 @@ class ServiceMetrics:
                                  "Served BER over the last feedback window of each context", ["context"], registry=r)
         self.store_samples = Gauge("deeprx_store_samples", "Samples held in the sample store", registry=r)
         self.store_bytes = Gauge("deeprx_store_bytes", "Size of the sample store on disk", registry=r)
+        self.targets = Gauge("deeprx_targets", "Contexts currently meeting the target rule", registry=r)
+        self.adaptation_jobs = Counter("deeprx_adaptation_jobs", "Adaptation jobs by method and outcome",
+                                       ["method", "outcome"], registry=r)
+        self.adaptation_seconds = Histogram("deeprx_adaptation_seconds", "Adaptation job duration",
+                                            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800), registry=r)
+        self.adaptation_selected_slots = Histogram("deeprx_adaptation_selected_slots",
+                                                   "Pool slots selected by an adaptation job",
+                                                   buckets=(1, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.adaptation_ber = Gauge("deeprx_adaptation_ber", "Held-out target BER of the last job, before/after",
+                                    ["stage"], registry=r)
+        self.adaptation_rollbacks = Counter("deeprx_adaptation_rollbacks",
+                                            "Swaps rolled back after live BER regressed", registry=r)
 
     def context_label(self, context: str) -> str:
         """The label for ``context``: itself for the first ``max_contexts`` seen, else ``_other``."""

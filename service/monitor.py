@@ -90,6 +90,10 @@ class FeedbackMonitor:
         with self._lock:
             return self._totals(self._windows.get(context, ()))
 
+    def contexts(self) -> list[str]:
+        with self._lock:
+            return list(self._windows)
+
     def targets(self, rule: TargetRule) -> dict[str, BerWindow]:
         """Contexts that currently meet ``rule``, with their windows."""
         with self._lock:

@@ -27,7 +27,8 @@ from service.batcher import BatcherClosed, DynamicBatcher
 from service.config import ServerConfig
 from service.features import featurize
 from service.metrics import ServiceMetrics
-from service.monitor import FeedbackMonitor, ServedSlot
+from service.adaptation.worker import AdaptationError, AdaptationWorker
+from service.monitor import FeedbackMonitor, ServedSlot, TargetRule
 from service.registry import ModelRegistry, ModelVersion, UnknownVersion
 from service.slot import ReceivedSlot
 from service.store import SampleStore, SlotLabel
@@ -101,8 +102,12 @@ def _model_info(registry: ModelRegistry, version: str) -> pb.ModelInfo:
 
 class ReceiverServicer(pb_grpc.ReceiverServicer):
     def __init__(self, config: ServerConfig, registry: ModelRegistry, batcher: DynamicBatcher,
-                 store: SampleStore | None, monitor: FeedbackMonitor, metrics: ServiceMetrics):
+                 store: SampleStore | None, monitor: FeedbackMonitor, metrics: ServiceMetrics,
+                 worker: AdaptationWorker | None):
         self.config = config
+        self.worker = worker
+        self.target_rule = TargetRule(config.monitor.target_absolute_ber, config.monitor.target_relative_to_genie,
+                                      config.monitor.target_min_slots)
         self.registry = registry
         self.batcher = batcher
         self.store = store
@@ -259,6 +264,8 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
             self.metrics.feedback_bits.labels(label).inc(num_bits)
             self.metrics.feedback_bit_errors.labels(label).inc(errors)
             self.metrics.context_ber.labels(label).set(window.ber)
+            if self.worker is not None:
+                self.worker.observe(served.context, served.model_version, errors, num_bits)
             if self.store is not None:
                 self.store.label(SlotLabel(item.slot_id, bits, source, errors, num_bits, genie,
                                            item.reference_ls_lmmse_errors
@@ -304,19 +311,61 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
         self.metrics.requests.labels("ActivateModel", "ok").inc()
         return _model_info(self.registry, request.version)
 
-    # ---------------------------------------------------------------- adaptation (worker not yet built)
-    def _no_adaptation(self, method: str, context: grpc.ServicerContext):
-        self._reject(method, RequestError(grpc.StatusCode.UNIMPLEMENTED,
-                                          "the adaptation worker is not part of this server build yet"), context)
+    # ---------------------------------------------------------------- targets and adaptation
+    def ListTargets(self, request, context) -> pb.ListTargetsResponse:
+        targets = self.monitor.targets(self.target_rule)
+        self.metrics.targets.set(len(targets))
+        rows = []
+        for name in self.monitor.contexts():
+            window = self.monitor.window(name)
+            genie = window.genie_ber
+            rows.append(pb.Target(context=name, ber=window.ber, genie_ber=-1.0 if genie is None else genie,
+                                  slots=window.slots, is_target=name in targets))
+        rows.sort(key=lambda t: (not t.is_target, -t.ber))
+        self.metrics.requests.labels("ListTargets", "ok").inc()
+        return pb.ListTargetsResponse(contexts=rows)
 
-    def TriggerAdaptation(self, request, context):
-        self._no_adaptation("TriggerAdaptation", context)
+    def _job_message(self, job) -> pb.AdaptationJob:
+        return pb.AdaptationJob(
+            job_id=job.job_id, state=pb.AdaptationJob.State.Value(job.state), method=job.method,
+            context=job.context, progress=job.progress, ber_before=job.ber_before, ber_after=job.ber_after,
+            new_version=job.new_version, message=job.message, regression_ber_before=job.regression_ber_before,
+            regression_ber_after=job.regression_ber_after, selected_summary=job.selected_summary,
+            rolled_back=job.rolled_back)
 
-    def GetAdaptation(self, request, context):
-        self._no_adaptation("GetAdaptation", context)
+    def _require_worker(self) -> AdaptationWorker:
+        if self.worker is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "adaptation needs sample capture enabled")
+        return self.worker
 
-    def ListAdaptations(self, request, context):
-        self._no_adaptation("ListAdaptations", context)
+    def TriggerAdaptation(self, request: pb.AdaptationRequest, context) -> pb.AdaptationJob:
+        try:
+            job = self._require_worker().submit(request.context, list(request.slot_ids), request.method,
+                                                dict(request.options))
+        except AdaptationError as err:
+            self._reject("TriggerAdaptation", _invalid(str(err)), context)
+        except RequestError as err:
+            self._reject("TriggerAdaptation", err, context)
+        self.metrics.requests.labels("TriggerAdaptation", "ok").inc()
+        return self._job_message(job)
+
+    def GetAdaptation(self, request: pb.GetAdaptationRequest, context) -> pb.AdaptationJob:
+        try:
+            job = self._require_worker().get(request.job_id)
+            if job is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"job_id: '{request.job_id}' is unknown")
+        except RequestError as err:
+            self._reject("GetAdaptation", err, context)
+        self.metrics.requests.labels("GetAdaptation", "ok").inc()
+        return self._job_message(job)
+
+    def ListAdaptations(self, request, context) -> pb.ListAdaptationsResponse:
+        try:
+            jobs = self._require_worker().jobs()
+        except RequestError as err:
+            self._reject("ListAdaptations", err, context)
+        self.metrics.requests.labels("ListAdaptations", "ok").inc()
+        return pb.ListAdaptationsResponse(jobs=[self._job_message(j) for j in jobs])
 
 
 class ReceiverServer:
@@ -352,7 +401,10 @@ class ReceiverServer:
             options=[("grpc.max_receive_message_length", limits.max_message_bytes),
                      ("grpc.max_send_message_length", limits.max_message_bytes)],
         )
-        self.servicer = ReceiverServicer(config, self.registry, self.batcher, self.store, self.monitor, self.metrics)
+        self.worker = (AdaptationWorker(self.registry, self.store, self.metrics, config.adaptation)
+                       if self.store is not None else None)
+        self.servicer = ReceiverServicer(config, self.registry, self.batcher, self.store, self.monitor, self.metrics,
+                                         self.worker)
         pb_grpc.add_ReceiverServicer_to_server(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
@@ -388,6 +440,8 @@ class ReceiverServer:
             return
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.worker is not None:
+            self.worker.close(timeout=grace)
         self.batcher.close()
         if self.store is not None:
             self.store.close()

@@ -112,12 +112,6 @@ def test_health_and_reflection(channel):
     assert {"deeprx.v1.Receiver", "grpc.health.v1.Health"} <= names
 
 
-def test_adaptation_rpcs_say_they_are_not_built_yet(channel):
-    with pytest.raises(grpc.RpcError) as err:
-        pb_grpc.ReceiverStub(channel).ListAdaptations(pb.ListAdaptationsRequest())
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_graceful_stop_finishes_in_flight_work_and_flushes_the_store(tmp_path, tiny_checkpoint, train_mix_file):
     import threading
 

@@ -64,6 +64,8 @@ def fine_tune(model: DeepRx, data: SlotTensors, steps: int, batch_size: int, lea
               seed: int) -> DeepRx:
     """Adam on ``data`` for ``steps`` minibatches; a copy of ``model`` is trained, BN statistics frozen."""
     tuned = copy.deepcopy(model).eval()
+    for parameter in tuned.parameters():  # served models are frozen; the copy is trained
+        parameter.requires_grad_(True)
     optimiser = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):

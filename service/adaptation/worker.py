@@ -1,0 +1,238 @@
+"""The adaptation worker: one background thread running jobs from a queue, never blocking inference.
+
+A job: take the target's labelled slots from the sample store (a context key or explicit slot ids),
+split them into an adaptation part and a held-out part, adapt the active model with an update rule
+on the pool, gate the candidate on the held-out part and the regression set, publish it with lineage
+(parent, job, method, selected slots) and, if accepted, activate it. After a swap the worker watches
+the context's live BER on the new version and rolls back to the parent if it regresses.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from schema.dataset import SlotBatch, read_slots
+from service.adaptation.gate import GateConfig, gate
+from service.adaptation.updates import METHODS, UpdateConfig, adapt
+from service.features import prepare
+from service.influence.curvature import CurvatureConfig
+from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry
+from service.store import SampleStore
+
+log = logging.getLogger("deeprx.adaptation")
+
+
+@dataclass
+class AdaptationConfig:
+    pool: str = ""  # HDF5 pool of labelled slots; empty: the store's labelled slots of other contexts
+    regression: str = ""  # HDF5 slots of the training mix the gate protects; empty: no regression check
+    regression_slots: int = 256
+    held_out_fraction: float = 0.4
+    min_target_slots: int = 16
+    method: str = "first-order"
+    k: int = 64
+    steps: int = 50
+    learning_rate: float = 3e-4
+    curvature: str = "ekfac"
+    min_relative_improvement: float = 0.02
+    max_regression: float = 0.002
+    rollback_slots: int = 50  # live slots on the new version before the rollback check
+    rollback_margin: float = 0.1  # roll back when live BER > held-out BER before adaptation x (1 + margin)
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    job_id: str
+    context: str
+    slot_ids: list[str]
+    method: str
+    state: str = "QUEUED"  # QUEUED RUNNING ACCEPTED REJECTED FAILED
+    progress: float = 0.0
+    ber_before: float = 0.0
+    ber_after: float = 0.0
+    regression_ber_before: float = 0.0
+    regression_ber_after: float = 0.0
+    new_version: str = ""
+    parent_version: str = ""
+    message: str = ""
+    selected_summary: str = ""
+    rolled_back: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+
+class AdaptationError(ValueError):
+    """A job that cannot be queued (bad method, unknown target); the message says why."""
+
+
+class AdaptationWorker:
+    def __init__(self, registry: ModelRegistry, store: SampleStore | None, metrics: ServiceMetrics,
+                 config: AdaptationConfig):
+        self.registry, self.store, self.metrics, self.config = registry, store, metrics, config
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits]
+        self._regression = self._load_regression()
+        self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
+        self._thread.start()
+
+    def _load_regression(self):
+        if not self.config.regression:
+            return None
+        slots, _ = read_slots(self.config.regression, slice(0, self.config.regression_slots))
+        return prepare(slots)
+
+    # ------------------------------------------------------------------ API used by the RPCs
+    def submit(self, context: str, slot_ids: list[str], method: str, options: dict[str, str]) -> Job:
+        method = method or self.config.method
+        if method not in METHODS:
+            raise AdaptationError(f"method: '{method}' is not one of {', '.join(METHODS)}")
+        if self.store is None:
+            raise AdaptationError("adaptation needs the sample store (capture is disabled)")
+        if not context and not slot_ids:
+            raise AdaptationError("target: give a context or slot_ids")
+        unknown = set(options) - {"k", "steps", "learning_rate", "curvature"}
+        if unknown:
+            raise AdaptationError(f"options: unknown keys {sorted(unknown)} (k, steps, learning_rate, curvature)")
+        job = Job(f"job-{next(self._ids)}", context, list(slot_ids), method, options=dict(options))
+        with self._lock:
+            self._jobs[job.job_id] = job
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop after the running job (or give up waiting after ``timeout``: the thread is a daemon,
+        and a version it was writing stays in the registry's temp area, removed at the next start)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def observe(self, context: str, version: str, errors: int, bits: int) -> None:
+        """Feedback on a slot served by ``version``: checks watched swaps for regressions."""
+        key = (context, version)
+        with self._lock:
+            if key not in self._watch:
+                return
+            counts = self._watch[key]  # [errors, bits, slots]
+            counts[0] += errors
+            counts[1] += bits
+            counts[2] += 1
+            if counts[2] < self.config.rollback_slots:
+                return
+            del self._watch[key]
+            job = next((j for j in self._jobs.values() if j.new_version == version), None)
+        if job is None:
+            return
+        live = counts[0] / max(1, counts[1])
+        limit = job.ber_before * (1 + self.config.rollback_margin)
+        active = self.registry.active
+        if live > limit and active is not None and active.version == version:
+            self.registry.activate(job.parent_version)
+            job.rolled_back = True
+            job.message += f"; rolled back: live BER {live:.5f} > {limit:.5f}"
+            self.metrics.adaptation_rollbacks.inc()
+            log.warning("%s: rolled back %s -> %s (live BER %.5f)", job.job_id, version, job.parent_version, live)
+
+    # ------------------------------------------------------------------ the worker thread
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            job.state = "RUNNING"
+            start = time.perf_counter()
+            try:
+                self._adapt(job)
+            except Exception as err:  # noqa: BLE001 - a failed job is reported, the worker goes on
+                log.exception("%s failed", job.job_id)
+                job.state, job.message = "FAILED", f"{type(err).__name__}: {err}"
+            job.progress = 1.0
+            self.metrics.adaptation_jobs.labels(job.method, job.state.lower()).inc()
+            self.metrics.adaptation_seconds.observe(time.perf_counter() - start)
+
+    def _target(self, job: Job) -> tuple[SlotBatch, list[str]]:
+        slots, ids = self.store.labelled(context=job.context or None)
+        if job.slot_ids:
+            wanted = set(job.slot_ids)
+            keep = [i for i, slot_id in enumerate(ids) if slot_id in wanted]
+            slots, ids = slots.select(np.asarray(keep, int)), [ids[i] for i in keep]
+        if len(ids) < self.config.min_target_slots:
+            raise AdaptationError(f"target has {len(ids)} labelled slots, needs {self.config.min_target_slots}")
+        return slots, ids
+
+    def _pool(self, job: Job) -> SlotBatch:
+        if self.config.pool:
+            return read_slots(self.config.pool)[0]
+        slots, _ = self.store.labelled()
+        return slots.select(slots.channel != job.context)
+
+    def _adapt(self, job: Job) -> None:
+        active = self.registry.active
+        job.parent_version = active.version
+        slots, _ = self._target(job)
+        order = np.random.default_rng(self.config.seed).permutation(len(slots))
+        n_held = max(1, int(round(self.config.held_out_fraction * len(slots))))
+        held_out, adaptation = prepare(slots.select(order[:n_held])), prepare(slots.select(order[n_held:]))
+        job.progress = 0.1
+        pool_slots = self._pool(job)
+        options = job.options
+        config = UpdateConfig(method=job.method, k=int(options.get("k", self.config.k)),
+                              steps=int(options.get("steps", self.config.steps)),
+                              learning_rate=float(options.get("learning_rate", self.config.learning_rate)),
+                              curvature=CurvatureConfig(method=options.get("curvature", self.config.curvature)),
+                              seed=self.config.seed)
+        model = copy.deepcopy(active.model).cpu()  # the serving copy stays where it is
+        result = adapt(model, prepare(pool_slots), adaptation, config)
+        job.progress = 0.7
+        if result.selected is not None and len(result.selected):
+            picked = result.selected.numpy()
+            channels = Counter(pool_slots.channel[picked].tolist()).most_common(3)
+            job.selected_summary = (f"{len(picked)} slots; channels {dict(channels)}; mean speed "
+                                    f"{np.nanmean(pool_slots.speed_mps[picked]):.0f} m/s; mean SNR "
+                                    f"{np.nanmean(pool_slots.snr_db[picked]):.1f} dB")
+            self.metrics.adaptation_selected_slots.observe(len(picked))
+        regression = self._regression if self._regression is not None else held_out
+        gate_config = GateConfig(self.config.min_relative_improvement,
+                                 self.config.max_regression if self._regression is not None else float("inf"))
+        decision = gate(model, result.model, held_out, regression, gate_config)
+        job.ber_before, job.ber_after = decision.target_ber_before, decision.target_ber_after
+        job.regression_ber_before, job.regression_ber_after = decision.regression_ber_before, decision.regression_ber_after
+        self.metrics.adaptation_ber.labels("before").set(job.ber_before)
+        self.metrics.adaptation_ber.labels("after").set(job.ber_after)
+        job.new_version = self.registry.publish(
+            result.model, creator=f"adaptation {job.job_id}", parent=active.version,
+            metrics={"target_ber_before": job.ber_before, "target_ber_after": job.ber_after,
+                     "regression_ber_before": job.regression_ber_before,
+                     "regression_ber_after": job.regression_ber_after},
+            extra={"job": job.job_id, "method": job.method, "context": job.context, "accepted": decision.accepted,
+                   "selected_summary": job.selected_summary, "details": _jsonable(result.details)})
+        job.message = decision.reason
+        if decision.accepted:
+            with self._lock:
+                self._watch[(job.context, job.new_version)] = [0, 0, 0]
+            self.registry.activate(job.new_version)
+            job.state = "ACCEPTED"
+        else:
+            job.state = "REJECTED"
+
+
+def _jsonable(details: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (float, np.floating, torch.Tensor)) else v) for k, v in details.items()}
+

@@ -1,0 +1,134 @@
+"""The loop over real RPCs on 127.0.0.1: feedback -> target -> adaptation job -> gate -> swap -> rollback."""
+import re
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from client.stream import data_bits, send_genie_feedback, stream_slots
+from proto import codec
+from proto import receiver_pb2 as pb
+from proto import receiver_pb2_grpc as pb_grpc
+from schema.dataset import read_slots
+from service.config import ServerConfig
+from service.server import ReceiverServer
+from service.train import TrainConfig, train
+from tests.conftest import scrape, simulate
+
+DRIFT = "channel=TDL-D,speed=100:150,snr=15:25,dmrs=0"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, train_mix_file):
+    root = tmp_path_factory.mktemp("adaptation-service")
+    train(train_mix_file, root / "model", TrainConfig(size="tiny", steps=300, batch_size=16, learning_rate=1e-2,
+                                                      warmup_steps=10, validation_slots=8, checkpoint_every=300),
+          progress=False)
+    return {"model": root / "model", "drift": simulate(root / "drift.h5", DRIFT, 64, seed=21),
+            "pool": simulate(root / "pool.h5", "channel=TDL-A|TDL-D,speed=0:150,snr=5:25,dmrs=0:1", 96, seed=22),
+            "regression": train_mix_file}
+
+
+def _server(tmp_path, files, **adaptation):
+    config = ServerConfig(port=0, metrics_port=0)
+    config.monitor.target_min_slots = 16
+    config.monitor.target_absolute_ber = 0.01
+    a = config.adaptation
+    a.pool, a.regression, a.min_target_slots, a.k, a.steps = str(files["pool"]), str(files["regression"]), 16, 24, 60
+    a.learning_rate, a.min_relative_improvement, a.max_regression, a.rollback_slots = 3e-3, 0.0, 0.5, 16
+    for key, value in adaptation.items():
+        setattr(a, key, value)
+    return ReceiverServer(config, tmp_path / "store", files["model"]).start()
+
+
+def _wait(stub, job_id: str) -> pb.AdaptationJob:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job_id))
+        if job.state not in (pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(job_id)
+
+
+def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regression(tmp_path, files):
+    server = _server(tmp_path, files, method="target-only")
+    drift, _ = read_slots(files["drift"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            stream_slots(channel, drift.select(slice(0, 48)), "drift", streams=2, prefix="d")
+            send_genie_feedback(channel, drift.select(slice(0, 48)), prefix="d")
+            server.store.flush()
+            targets = stub.ListTargets(pb.ListTargetsRequest()).contexts
+            assert targets[0].context == "drift" and targets[0].is_target and targets[0].genie_ber >= 0
+
+            before, _ = stream_slots(channel, drift.select(slice(48, 64)), "check", prefix="pre")
+            job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only"))
+            assert job.state == pb.AdaptationJob.QUEUED
+            versions_seen: set[str] = set()
+            while stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).state in (
+                    pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING):  # serving goes on during the job
+                report, _ = stream_slots(channel, drift.select(slice(48, 56)), "live", prefix=f"l{len(versions_seen)}")
+                assert report.failures == 0
+                versions_seen |= set(report.versions)
+            done = _wait(stub, job.job_id)
+            assert done.state == pb.AdaptationJob.ACCEPTED, done.message
+            assert done.ber_after <= done.ber_before and done.new_version == "v2"
+            assert stub.GetModel(pb.GetModelRequest()).version == "v2"
+            lineage = server.registry.info("v2")
+            assert lineage["parent"] == "v1" and lineage["job"] == job.job_id and lineage["accepted"]
+            after, _ = stream_slots(channel, drift.select(slice(48, 64)), "check", prefix="post")
+            assert after.versions == {"v2": 16} and after.ber < before.ber, (before.ber, after.ber)
+            text = scrape(server.metrics_port)
+            assert re.search(r'^deeprx_adaptation_jobs_total\{method="target-only",outcome="accepted"\} 1\.0', text, re.M)
+            assert re.search(r'^deeprx_adaptation_ber\{stage="after"\}', text, re.M)
+
+            # live feedback on v2 says it got worse (bits inverted): the watch rolls back to v1
+            stream_slots(channel, drift.select(slice(0, 16)), "drift", prefix="after")
+            wrong = [pb.Feedback(slot_id=f"after-{i}", genie_bits=codec.encode(1 - data_bits(drift, i)))
+                     for i in range(16)]
+            stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=wrong))
+            assert stub.GetModel(pb.GetModelRequest()).version == "v1"
+            assert stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).rolled_back
+    finally:
+        server.stop(grace=5)
+
+
+def test_harmful_update_is_rejected_and_never_served(tmp_path, files):
+    server = _server(tmp_path, files, method="target-only", min_relative_improvement=0.02)
+    drift, _ = read_slots(files["drift"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            stream_slots(channel, drift.select(slice(0, 48)), "drift", prefix="d")
+            send_genie_feedback(channel, drift.select(slice(0, 48)), prefix="d")
+            server.store.flush()
+            job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only",
+                                                              options={"learning_rate": "3.0", "steps": "30"}))
+            done = _wait(stub, job.job_id)
+            assert done.state == pb.AdaptationJob.REJECTED, done.message
+            assert stub.GetModel(pb.GetModelRequest()).version == "v1"
+            assert not server.registry.info(done.new_version)["accepted"]
+            report, _ = stream_slots(channel, drift.select(slice(48, 56)), "after", prefix="a")
+            assert report.versions == {"v1": 8}
+    finally:
+        server.stop(grace=5)
+
+
+def test_bad_adaptation_requests(server, channel):
+    stub = pb_grpc.ReceiverStub(channel)
+    for request, text in [(pb.AdaptationRequest(context="x", method="magic"), "method"),
+                          (pb.AdaptationRequest(method="first-order"), "target"),
+                          (pb.AdaptationRequest(context="x", options={"bogus": "1"}), "options")]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.TriggerAdaptation(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetAdaptation(pb.GetAdaptationRequest(job_id="job-404"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    job = stub.TriggerAdaptation(pb.AdaptationRequest(context="nobody", method="first-order"))
+    assert _wait(stub, job.job_id).state == pb.AdaptationJob.FAILED
+    assert "labelled" in stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).message
+    assert [j.job_id for j in stub.ListAdaptations(pb.ListAdaptationsRequest()).jobs] == [job.job_id]
