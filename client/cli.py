@@ -133,6 +133,51 @@ def _activate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(args: argparse.Namespace) -> int:
+    from proto import receiver_pb2 as pb
+    from proto import receiver_pb2_grpc as pb_grpc
+
+    with _channel(args.server, args.connect_timeout) as channel:
+        response = pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest(), timeout=args.timeout)
+    print(f"{'context':>20} {'target':>6} {'slots':>6} {'served BER':>11} {'genie BER':>10}")
+    for t in response.contexts:
+        genie = f"{t.genie_ber:.5f}" if t.genie_ber >= 0 else "-"
+        print(f"{t.context[:20]:>20} {'yes' if t.is_target else '':>6} {t.slots:>6} {t.ber:>11.5f} {genie:>10}")
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from proto import receiver_pb2 as pb
+    from proto import receiver_pb2_grpc as pb_grpc
+
+    options = dict(item.split("=", 1) for item in args.option)
+    with _channel(args.server, args.connect_timeout) as channel:
+        stub = pb_grpc.ReceiverStub(channel)
+        job = stub.TriggerAdaptation(pb.AdaptationRequest(context=args.context or "", slot_ids=args.slot_ids,
+                                                          method=args.method, options=options), timeout=args.timeout)
+        print(f"queued {job.job_id} ({job.method} on '{job.context}')")
+        if not args.wait:
+            return 0
+        running = (pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING)
+        with tqdm(total=100, unit="%", desc=job.job_id) as bar:
+            while job.state in running:
+                time.sleep(0.5)
+                job = stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id), timeout=args.timeout)
+                bar.update(round(job.progress * 100) - bar.n)
+    state = pb.AdaptationJob.State.Name(job.state)
+    print(f"{job.job_id}: {state}; held-out target BER {job.ber_before:.5f} -> {job.ber_after:.5f}; "
+          f"regression BER {job.regression_ber_before:.5f} -> {job.regression_ber_after:.5f}")
+    if job.new_version:
+        print(f"version {job.new_version} ({'active' if state == 'ACCEPTED' else 'kept, not served'}); "
+              f"selected: {job.selected_summary or '-'}")
+    print(job.message)
+    return 0 if state in ("ACCEPTED", "REJECTED") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeprx-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--server", default="127.0.0.1:50051")
     models.add_argument("--timeout", type=float, default=10.0)
     models.set_defaults(run=_models)
+
+    targets = commands.add_parser("targets", help="per-context served BER and which contexts are targets")
+    targets.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
+                         help="seconds to wait for the service to answer")
+    targets.add_argument("--server", default="127.0.0.1:50051")
+    targets.add_argument("--timeout", type=float, default=10.0)
+    targets.set_defaults(run=_targets)
+
+    adapt = commands.add_parser("adapt", help="start an adaptation job for a target",
+                                description="Ask the service to adapt its model to a target (a context key or "
+                                            "explicit slot ids); with --wait, follow the job to its end.")
+    adapt.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
+                       help="seconds to wait for the service to answer")
+    adapt.add_argument("--server", default="127.0.0.1:50051")
+    adapt.add_argument("--context", help="target context key")
+    adapt.add_argument("--slot-ids", dest="slot_ids", nargs="*", default=[], help="explicit target slot ids")
+    adapt.add_argument("--method", default="first-order",
+                       help="first-order, second-order, random or target-only")
+    adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="job option: k, steps, learning_rate, curvature (repeatable)")
+    adapt.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    adapt.add_argument("--timeout", type=float, default=10.0, help="per-RPC timeout in seconds")
+    adapt.set_defaults(run=_adapt)
 
     activate = commands.add_parser("activate", help="switch the service to (or roll back to) a stored version")
     activate.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,

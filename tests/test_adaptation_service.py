@@ -117,6 +117,27 @@ def test_harmful_update_is_rejected_and_never_served(tmp_path, files):
         server.stop(grace=5)
 
 
+def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
+    from client.cli import main as client_main
+
+    server = _server(tmp_path, files, method="target-only")
+    drift, _ = read_slots(files["drift"])
+    try:
+        address = f"127.0.0.1:{server.port}"
+        with grpc.insecure_channel(address) as channel:
+            stream_slots(channel, drift.select(slice(0, 32)), "cell-9", prefix="c")
+            send_genie_feedback(channel, drift.select(slice(0, 32)), prefix="c")
+        server.store.flush()
+        assert client_main(["targets", "--server", address]) == 0
+        assert re.search(r"cell-9\s+yes\s+32", capsys.readouterr().out)
+        assert client_main(["adapt", "--server", address, "--context", "cell-9", "--method", "target-only",
+                            "--option", "steps=20", "--wait"]) == 0
+        out = capsys.readouterr().out
+        assert "job-1" in out and "held-out target BER" in out and ("ACCEPTED" in out or "REJECTED" in out)
+    finally:
+        server.stop(grace=5)
+
+
 def test_bad_adaptation_requests(server, channel):
     stub = pb_grpc.ReceiverStub(channel)
     for request, text in [(pb.AdaptationRequest(context="x", method="magic"), "method"),
