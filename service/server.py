@@ -266,6 +266,7 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
             self.metrics.context_ber.labels(label).set(window.ber)
             if self.worker is not None:
                 self.worker.observe(served.context, served.model_version, errors, num_bits)
+                self.worker.consider(served.context, self.target_rule.is_target(window))
             if self.store is not None:
                 self.store.label(SlotLabel(item.slot_id, bits, source, errors, num_bits, genie,
                                            item.reference_ls_lmmse_errors

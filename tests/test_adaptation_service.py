@@ -138,6 +138,22 @@ def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
         server.stop(grace=5)
 
 
+def test_auto_mode_starts_one_job_per_target_within_the_cooldown(tmp_path, files):
+    server = _server(tmp_path, files, method="target-only", auto=True, cooldown_s=3600)
+    drift, _ = read_slots(files["drift"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            for round_ in range(2):
+                stream_slots(channel, drift.select(slice(0, 24)), "auto-cell", prefix=f"r{round_}")
+                send_genie_feedback(channel, drift.select(slice(0, 24)), prefix=f"r{round_}")
+            jobs = stub.ListAdaptations(pb.ListAdaptationsRequest()).jobs
+            assert [j.context for j in jobs] == ["auto-cell"], "one job despite more feedback"
+            assert _wait(stub, jobs[0].job_id).state != pb.AdaptationJob.QUEUED
+    finally:
+        server.stop(grace=5)
+
+
 def test_bad_adaptation_requests(server, channel):
     stub = pb_grpc.ReceiverStub(channel)
     for request, text in [(pb.AdaptationRequest(context="x", method="magic"), "method"),

@@ -48,6 +48,8 @@ class AdaptationConfig:
     max_regression: float = 0.002
     rollback_slots: int = 50  # live slots on the new version before the rollback check
     rollback_margin: float = 0.1  # roll back when live BER > held-out BER before adaptation x (1 + margin)
+    auto: bool = False  # targets found by the monitor start jobs by themselves ...
+    cooldown_s: float = 600.0  # ... at most once per context in this many seconds
     seed: int = 0
 
 
@@ -84,7 +86,8 @@ class AdaptationWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits]
+        self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits, slots]
+        self._last_auto: dict[str, float] = {}
         self._regression = self._load_regression()
         self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
         self._thread.start()
@@ -112,6 +115,20 @@ class AdaptationWorker:
             self._jobs[job.job_id] = job
         self._queue.put(job)
         return job
+
+    def consider(self, context: str, is_target: bool) -> Job | None:
+        """Auto mode: queue a job for a context that just met the target rule, unless one is pending
+        or the context's cooldown has not passed."""
+        if not (self.config.auto and is_target):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            pending = any(j.context == context and j.state in ("QUEUED", "RUNNING") for j in self._jobs.values())
+            if pending or now - self._last_auto.get(context, -float("inf")) < self.config.cooldown_s:
+                return None
+            self._last_auto[context] = now
+        log.info("auto adaptation for target '%s'", context)
+        return self.submit(context, [], self.config.method, {})
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -168,6 +185,7 @@ class AdaptationWorker:
             self.metrics.adaptation_seconds.observe(time.perf_counter() - start)
 
     def _target(self, job: Job) -> tuple[SlotBatch, list[str]]:
+        self.store.flush()  # labels that triggered the job may still be queued for the writer
         slots, ids = self.store.labelled(context=job.context or None)
         if job.slot_ids:
             wanted = set(job.slot_ids)
