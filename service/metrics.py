@@ -66,6 +66,12 @@ class ServiceMetrics:
                                                    buckets=(1, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.adaptation_ber = Gauge("deeprx_adaptation_ber", "Held-out target BER of the last job, before/after",
                                     ["stage"], registry=r)
+        self.influence_index_builds = Counter("deeprx_influence_index_builds",
+                                              "Gradient index (re)builds, e.g. after it went stale on a swap",
+                                              registry=r)
+        self.influence_index_stale = Gauge("deeprx_influence_index_stale",
+                                           "1 while the gradient index was built on another model version",
+                                           registry=r)
         self.adaptation_rollbacks = Counter("deeprx_adaptation_rollbacks",
                                             "Swaps rolled back after live BER regressed", registry=r)
 

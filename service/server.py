@@ -26,6 +26,7 @@ from schema.scenario import MODULATIONS, NUM_OFDM_SYMBOLS
 from service.batcher import BatcherClosed, DynamicBatcher
 from service.config import ServerConfig
 from service.features import featurize
+from service.influence.index import GradientIndex
 from service.metrics import ServiceMetrics
 from service.adaptation.worker import AdaptationError, AdaptationWorker
 from service.monitor import FeedbackMonitor, ServedSlot, TargetRule
@@ -422,6 +423,9 @@ class ReceiverServer:
     def _on_swap(self, version: ModelVersion) -> None:
         self.metrics.model.info({"version": version.version})
         self.metrics.model_swaps.inc()
+        if self.worker is not None:
+            built_on = GradientIndex(self.worker.index_directory()).model_version()
+            self.metrics.influence_index_stale.set(int(built_on is not None and built_on != version.version))
         log.info("active model is now %s", version.version)
 
     def start(self) -> "ReceiverServer":

@@ -138,6 +138,28 @@ def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
         server.stop(grace=5)
 
 
+def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_swap(tmp_path, files):
+    server = _server(tmp_path, files, method="first-order", min_relative_improvement=-1.0)  # accept any
+    drift, _ = read_slots(files["drift"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            stream_slots(channel, drift.select(slice(0, 32)), "drift", prefix="d")
+            send_genie_feedback(channel, drift.select(slice(0, 32)), prefix="d")
+            first = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
+            assert first.state == pb.AdaptationJob.ACCEPTED and "channels" in first.selected_summary
+            assert server.registry.info(first.new_version)["details"]["selection"] == "gradient index"
+            text = scrape(server.metrics_port)
+            assert re.search(r"^deeprx_influence_index_builds_total 1\.0", text, re.M)
+            assert re.search(r"^deeprx_influence_index_stale 1\.0", text, re.M), "built on v1, v2 now serves"
+            second = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
+            assert second.state == pb.AdaptationJob.ACCEPTED
+            text = scrape(server.metrics_port)
+            assert re.search(r"^deeprx_influence_index_builds_total 2\.0", text, re.M)
+    finally:
+        server.stop(grace=5)
+
+
 def test_auto_mode_starts_one_job_per_target_within_the_cooldown(tmp_path, files):
     server = _server(tmp_path, files, method="target-only", auto=True, cooldown_s=3600)
     drift, _ = read_slots(files["drift"])

@@ -94,7 +94,8 @@ def select_beneficial(model: DeepRx, pool: SlotTensors, target: SlotTensors, con
 
 def second_order_step(model: DeepRx, space: ParameterSpace, curvature, gradients: torch.Tensor,
                       weights: torch.Tensor, adaptation: SlotTensors, etas: tuple[float, ...]) -> tuple[DeepRx, dict]:
-    """``theta - eta H^-1 sum_z w_z g(z)`` with eta picked by the lowest adaptation-target loss."""
+    """``theta - eta H^-1 sum_z w_z g(z)`` (``gradients`` [k, P] and ``weights`` [k] of the selected
+    slots) with eta picked by the lowest adaptation-target loss."""
     direction = curvature.solve(weights @ gradients)
     norm = float(direction.norm())
     theta = space.flatten(space.values())
@@ -112,8 +113,18 @@ def second_order_step(model: DeepRx, space: ParameterSpace, curvature, gradients
     return best_model.eval(), {"eta": best_eta, "step_norm": best_eta * norm, "adaptation_loss": best_loss}
 
 
-def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: UpdateConfig) -> UpdateResult:
-    """Apply ``config.method`` to adapt ``model`` to the target's ``adaptation`` slots."""
+@dataclass
+class Selection:
+    """Pool rows already ranked elsewhere (e.g. by the gradient index): indices and their scores."""
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: UpdateConfig,
+          selection: Selection | None = None) -> UpdateResult:
+    """Apply ``config.method`` to adapt ``model`` to the target's ``adaptation`` slots. For the
+    influence-guided rules, ``selection`` (beneficial rows found by the index) skips scoring the pool."""
     if config.method == "target-only":
         tuned = fine_tune(model, adaptation, config.steps, config.batch_size, config.learning_rate, config.seed)
         return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation)})
@@ -121,15 +132,27 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.k]
         tuned = fine_tune(model, pool[chosen], config.steps, config.batch_size, config.learning_rate, config.seed)
         return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen)})
-    scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config)
-    details = {"method": config.method, "slots": int(len(selected)), "beneficial_in_pool": int((scores < 0).sum())}
+    if selection is None:
+        scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config)
+        selected_scores, source = scores[selected], "pool scan"
+    else:
+        keep = selection.scores < 0
+        selected, selected_scores, source = selection.indices[keep], selection.scores[keep], "gradient index"
+    details = {"method": config.method, "slots": int(len(selected)), "selection": source}
     if len(selected) == 0:
-        return UpdateResult(copy.deepcopy(model).eval(), selected, scores[selected], {**details, "note": "none beneficial"})
+        return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":
         tuned = fine_tune(model, pool[selected], config.steps, config.batch_size, config.learning_rate, config.seed)
-        return UpdateResult(tuned, selected, scores[selected], details)
-    raw = influence(space.mean_gradient(adaptation), gradients[selected], curvature)
-    weights = torch.zeros(len(pool), dtype=gradients.dtype)
-    weights[selected] = (-raw).clamp_min(0) / (-raw).clamp_min(0).sum().clamp_min(1e-30)
-    tuned, step = second_order_step(model, space, curvature, gradients, weights, adaptation, config.line_search)
-    return UpdateResult(tuned, selected, scores[selected], {**details, **step})
+        return UpdateResult(tuned, selected, selected_scores, details)
+    if selection is None:
+        selected_gradients = gradients[selected]
+    else:  # the second-order step needs H and the selected rows' gradients
+        space = ParameterSpace.convolutions(model.eval())
+        fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
+        curvature = fit_curvature(space, fit, config.curvature)
+        selected_gradients = space.per_sample_gradients(pool[selected])
+    raw = influence(space.mean_gradient(adaptation), selected_gradients, curvature)
+    weights = (-raw).clamp_min(0) / (-raw).clamp_min(0).sum().clamp_min(1e-30)
+    tuned, step = second_order_step(model, space, curvature, selected_gradients, weights, adaptation,
+                                    config.line_search)
+    return UpdateResult(tuned, selected, selected_scores, {**details, **step})

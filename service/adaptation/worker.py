@@ -22,9 +22,10 @@ import torch
 
 from schema.dataset import SlotBatch, read_slots
 from service.adaptation.gate import GateConfig, gate
-from service.adaptation.updates import METHODS, UpdateConfig, adapt
+from service.adaptation.updates import METHODS, Selection, UpdateConfig, adapt
 from service.features import prepare
 from service.influence.curvature import CurvatureConfig
+from service.influence.index import GradientIndex, IndexConfig
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from service.store import SampleStore
@@ -48,6 +49,7 @@ class AdaptationConfig:
     max_regression: float = 0.002
     rollback_slots: int = 50  # live slots on the new version before the rollback check
     rollback_margin: float = 0.1  # roll back when live BER > held-out BER before adaptation x (1 + margin)
+    index_compression: str = "sjlt:4096"  # sketch of the gradient index over the pool file ("" = exact)
     auto: bool = False  # targets found by the monitor start jobs by themselves ...
     cooldown_s: float = 600.0  # ... at most once per context in this many seconds
     seed: int = 0
@@ -201,13 +203,32 @@ class AdaptationWorker:
         slots, _ = self.store.labelled()
         return slots.select(slots.channel != job.context)
 
+    def index_directory(self):
+        return self.store.directory.parent / "influence-index"
+
+    def _select_from_index(self, model, version: str, pool: SlotBatch, adaptation: SlotBatch,
+                           config: UpdateConfig) -> Selection:
+        """Top-k beneficial pool rows from the gradient index, rebuilt first if another version built it."""
+        index = GradientIndex(self.index_directory())
+        ids = [f"pool-{row}" for row in range(len(pool))]
+        if index.is_stale(version) or index.slot_ids() != ids:
+            order = np.random.default_rng(self.config.seed).permutation(len(pool))[: config.fit_slots]
+            index.build(model, version, pool, ids, [ids[i] for i in order],
+                        IndexConfig(config.curvature, self.config.index_compression or None), progress=False)
+            self.metrics.influence_index_builds.inc()
+        self.metrics.influence_index_stale.set(0)
+        result = index.query(model, version, adaptation, config.k, score=config.score)
+        rows = torch.tensor([int(slot_id.split("-")[1]) for slot_id in result.slot_ids])
+        return Selection(rows, result.scores)
+
     def _adapt(self, job: Job) -> None:
         active = self.registry.active
         job.parent_version = active.version
         slots, _ = self._target(job)
         order = np.random.default_rng(self.config.seed).permutation(len(slots))
         n_held = max(1, int(round(self.config.held_out_fraction * len(slots))))
-        held_out, adaptation = prepare(slots.select(order[:n_held])), prepare(slots.select(order[n_held:]))
+        adaptation_slots = slots.select(order[n_held:])
+        held_out, adaptation = prepare(slots.select(order[:n_held])), prepare(adaptation_slots)
         job.progress = 0.1
         pool_slots = self._pool(job)
         options = job.options
@@ -217,7 +238,12 @@ class AdaptationWorker:
                               curvature=CurvatureConfig(method=options.get("curvature", self.config.curvature)),
                               seed=self.config.seed)
         model = copy.deepcopy(active.model).cpu()  # the serving copy stays where it is
-        result = adapt(model, prepare(pool_slots), adaptation, config)
+        pool = prepare(pool_slots)
+        selection = None
+        if self.config.pool and job.method in ("first-order", "second-order") and config.score in ("raw", "l-relative"):
+            selection = self._select_from_index(model, active.version, pool_slots, adaptation_slots, config)
+        job.progress = 0.4
+        result = adapt(model, pool, adaptation, config, selection)
         job.progress = 0.7
         if result.selected is not None and len(result.selected):
             picked = result.selected.numpy()
