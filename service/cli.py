@@ -105,6 +105,58 @@ def _influence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_file(spec_or_file: str, slots: int, seed: int, workdir: Path) -> tuple[str, Path]:
+    """A dataset file as is; a scenario spec simulated by the client CLI (service never imports client)."""
+    import subprocess
+
+    path = Path(spec_or_file)
+    if path.suffix in (".h5", ".hdf5"):
+        if not path.exists():
+            raise FileNotFoundError(f"target dataset '{path}' does not exist")
+        return path.stem, path
+    out = workdir / f"target-{abs(hash(spec_or_file)) % 10**8}.h5"
+    subprocess.run([sys.executable, "-m", "client.cli", "simulate", "--scenario", spec_or_file, "--slots",
+                    str(slots), "--seed", str(seed), "--out", str(out), "--quiet"], check=True)
+    return spec_or_file, out
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tqdm import tqdm
+
+    from schema.dataset import read_slots
+    from service.adaptation.experiment import ExperimentConfig, format_table, plot, run, summarise
+    from service.adaptation.updates import UpdateConfig
+    from service.checkpoint import load_checkpoint
+
+    model = load_checkpoint(args.model).model
+    pool, _ = read_slots(args.pool)
+    regression, _ = read_slots(args.regression or args.pool, slice(0, args.regression_slots))
+    workdir = Path(tempfile.mkdtemp(prefix="deeprx-experiment-"))
+    targets = {}
+    for i, spec in enumerate(args.targets):
+        name, path = _target_file(spec, args.target_slots, 1000 + i, workdir)
+        targets[name] = read_slots(path)[0]
+    methods = args.methods.split(",")
+    seeds = list(range(args.seeds))
+    config = ExperimentConfig(args.adaptation_slots, UpdateConfig(k=args.k, steps=args.steps,
+                                                                  learning_rate=args.learning_rate))
+    runs = len(seeds) * len(methods) * (len(targets) + (args.multi_target and len(targets) > 1))
+    with tqdm(total=runs, desc="experiment", unit="run", disable=args.json) as bar:
+        rows = run(model, pool, targets, regression, methods, seeds, config, args.multi_target,
+                   progress=lambda row: bar.set_postfix(target=row["target"][:16], method=row["method"]) or None)
+        bar.update(runs - bar.n)
+    summary = summarise(rows)
+    if args.plot:
+        plot(summary, str(args.plot))
+    if args.json:
+        print(json.dumps({"results": rows, "summary": summary}))
+    else:
+        print(format_table(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.train import TrainConfig
 
@@ -165,6 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     influence.add_argument("--top", type=int, default=10, help="how many pool slots to print")
     influence.add_argument("--json", action="store_true", help="print one JSON object")
     influence.set_defaults(run=_influence)
+
+    experiment = commands.add_parser(
+        "experiment", help="compare adaptation methods on target conditions over seeds",
+        description="For each target (a scenario spec, simulated with deeprx-client, or an HDF5 file): adapt "
+                    "with each method, report held-out target BER before/after, gap closure toward genie "
+                    "((before - after) / (before - genie)), non-target BER change, wall time, mean and spread "
+                    "over seeds. Methods: none, random, target-only, first-order, second-order; influence-guided "
+                    "ones take :CURVATURE:SCORE, e.g. first-order:identity:raw.")
+    experiment.add_argument("--model", type=Path, required=True)
+    experiment.add_argument("--pool", type=Path, required=True, help="HDF5 pool the methods draw from")
+    experiment.add_argument("--targets", nargs="+", required=True, help="scenario specs or HDF5 files")
+    experiment.add_argument("--methods", default="none,random,first-order,second-order,target-only")
+    experiment.add_argument("--seeds", type=int, default=5)
+    experiment.add_argument("--regression", type=Path, help="HDF5 non-target slots (default: the pool)")
+    experiment.add_argument("--regression-slots", dest="regression_slots", type=int, default=512)
+    experiment.add_argument("--target-slots", dest="target_slots", type=int, default=320,
+                            help="slots simulated per target spec")
+    experiment.add_argument("--adaptation-slots", dest="adaptation_slots", type=int, default=64,
+                            help="labelled target slots a method may use; the rest are held out")
+    experiment.add_argument("--multi-target", dest="multi_target", action="store_true",
+                            help="also adapt to all targets at once")
+    experiment.add_argument("--k", type=int, default=64, help="pool slots selected (first-order, random)")
+    experiment.add_argument("--steps", type=int, default=50, help="fine-tuning steps")
+    experiment.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-4)
+    experiment.add_argument("--json", action="store_true")
+    experiment.add_argument("--plot", type=Path, help="gap-closure bar chart (PNG)")
+    experiment.set_defaults(run=_experiment)
 
     serve = commands.add_parser("serve", help="run the gRPC receiver service",
                                 description="Serve DeepRx over gRPC (deeprx.v1.Receiver, health, reflection) "

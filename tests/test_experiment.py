@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from service.cli import main as service_main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_mix_file):
+    from service.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("exp") / "model"
+    train(train_mix_file, out, TrainConfig(size="tiny", steps=200, batch_size=16, learning_rate=1e-2,
+                                           warmup_steps=10, validation_slots=8, checkpoint_every=200), progress=False)
+    return out
+
+
+def test_experiment_cli_reports_every_method_seed_and_target(trained, train_mix_file, high_snr_file, capsys,
+                                                             tmp_path):
+    plot = tmp_path / "gap.png"
+    code = service_main(["experiment", "--model", str(trained), "--pool", str(train_mix_file),
+                         "--targets", str(high_snr_file), "channel=TDL-D,speed=100:150,dmrs=0,snr=15:25",
+                         "--target-slots", "40", "--adaptation-slots", "16", "--seeds", "2",
+                         "--methods", "none,random,first-order:identity:raw,target-only", "--k", "16", "--steps", "10",
+                         "--learning-rate", "3e-3", "--multi-target", "--json", "--plot", str(plot)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    keys = {"target", "method", "seed", "ber_before", "ber_after", "ber_genie", "gap_closure",
+            "non_target_ber_change", "seconds"}
+    assert all(keys <= set(row) for row in out["results"])
+    # 2 seeds x 4 methods x (2 single targets + 2 rows of the multi-target run)
+    assert len(out["results"]) == 2 * 4 * 4
+    none = [r for r in out["results"] if r["method"] == "none"]
+    assert all(r["ber_after"] == r["ber_before"] and r["gap_closure"] == 0 and r["non_target_ber_change"] == 0
+               for r in none)
+    assert {r["target"] for r in out["results"]} >= {"high-snr", "multi:high-snr"}
+    assert plot.stat().st_size > 1000
+    summary = {(s["target"], s["method"]) for s in out["summary"]}
+    assert ("high-snr", "target-only") in summary
