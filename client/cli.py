@@ -139,10 +139,12 @@ def _targets(args: argparse.Namespace) -> int:
 
     with _channel(args.server, args.connect_timeout) as channel:
         response = pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest(), timeout=args.timeout)
-    print(f"{'context':>20} {'target':>6} {'slots':>6} {'served BER':>11} {'genie BER':>10}")
+    print(f"{'context':>20} {'target':>6} {'slots':>6} {'served BER':>11} {'genie BER':>10} {'estimated':>10}")
     for t in response.contexts:
         genie = f"{t.genie_ber:.5f}" if t.genie_ber >= 0 else "-"
-        print(f"{t.context[:20]:>20} {'yes' if t.is_target else '':>6} {t.slots:>6} {t.ber:>11.5f} {genie:>10}")
+        estimate = f"{t.estimated_ber:.5f}" if t.estimated_ber >= 0 else "-"
+        print(f"{t.context[:20]:>20} {'yes' if t.is_target else '':>6} {t.slots:>6} {t.ber:>11.5f} {genie:>10} "
+              f"{estimate:>10}")
     return 0
 
 

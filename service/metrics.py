@@ -54,6 +54,9 @@ class ServiceMetrics:
                                            ["context"], registry=r)
         self.context_ber = Gauge("deeprx_context_ber",
                                  "Served BER over the last feedback window of each context", ["context"], registry=r)
+        self.context_ber_estimate = Gauge("deeprx_context_ber_estimate",
+                                          "Label-free expected BER from the served LLRs, mean sigma(-|LLR|) over "
+                                          "the last window of each context", ["context"], registry=r)
         self.store_samples = Gauge("deeprx_store_samples", "Samples held in the sample store", registry=r)
         self.store_bytes = Gauge("deeprx_store_bytes", "Size of the sample store on disk", registry=r)
         self.targets = Gauge("deeprx_targets", "Contexts currently meeting the target rule", registry=r)

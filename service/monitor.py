@@ -1,5 +1,9 @@
 """Feedback monitor: remembers what was served and turns feedback into per-context BER windows.
 
+Contexts without labels still get an estimate: each served slot's expected BER under the model's
+own LLRs, ``mean sigma(-|LLR|)`` (label-free, as good as the model's calibration; the BCE loss
+trains for calibration). It is model-based, not a pilot-based measurement.
+
 The server records each served slot's hard decisions (bounded LRU); feedback for a slot id is
 compared against them, so the BER is that of the model version that actually served the slot.
 """
@@ -59,7 +63,8 @@ class FeedbackMonitor:
         self._served: OrderedDict[str, ServedSlot] = OrderedDict()
         self._served_memory = served_memory
         self._window_slots = window_slots
-        self._windows: dict[str, deque[tuple[int, int]]] = {}
+        self._windows: dict[str, deque[tuple[int, int, int | None]]] = {}
+        self._estimates: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
     def served(self, slot_id: str, slot: ServedSlot) -> None:
@@ -90,9 +95,21 @@ class FeedbackMonitor:
         with self._lock:
             return self._totals(self._windows.get(context, ()))
 
+    def record_estimate(self, context: str, expected_ber: float) -> float:
+        """Add a served slot's label-free BER estimate; returns the context's window mean."""
+        with self._lock:
+            window = self._estimates.setdefault(context, deque(maxlen=self._window_slots))
+            window.append(expected_ber)
+            return sum(window) / len(window)
+
+    def estimate(self, context: str) -> float | None:
+        with self._lock:
+            window = self._estimates.get(context)
+            return sum(window) / len(window) if window else None
+
     def contexts(self) -> list[str]:
         with self._lock:
-            return list(self._windows)
+            return list(dict.fromkeys([*self._windows, *self._estimates]))
 
     def targets(self, rule: TargetRule) -> dict[str, BerWindow]:
         """Contexts that currently meet ``rule``, with their windows."""

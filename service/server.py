@@ -149,6 +149,9 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
         self.metrics.slot_latency_seconds.observe(latency)
         self.metrics.slots.labels("ok").inc()
         self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard))
+        expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
+        label = self.metrics.context_label(slot.context)
+        self.metrics.context_ber_estimate.labels(label).set(self.monitor.record_estimate(label, expected_ber))
         if self.store is not None:
             self.store.capture(slot, version.version)
         return pb.SlotResult(slot_id=slot.slot_id, llrs=codec.encode(llrs),
@@ -321,8 +324,10 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
         for name in self.monitor.contexts():
             window = self.monitor.window(name)
             genie = window.genie_ber
+            estimate = self.monitor.estimate(name)
             rows.append(pb.Target(context=name, ber=window.ber, genie_ber=-1.0 if genie is None else genie,
-                                  slots=window.slots, is_target=name in targets))
+                                  slots=window.slots, is_target=name in targets,
+                                  estimated_ber=-1.0 if estimate is None else estimate))
         rows.sort(key=lambda t: (not t.is_target, -t.ber))
         self.metrics.requests.labels("ListTargets", "ok").inc()
         return pb.ListTargetsResponse(contexts=rows)

@@ -128,3 +128,11 @@ def test_graceful_stop_finishes_in_flight_work_and_flushes_the_store(tmp_path, t
     server.wait()
     from service.store import SampleStore
     assert SampleStore(tmp_path / "store" / "samples").count() == 32
+
+
+def test_label_free_estimate_tracks_served_confidence(server, channel, train_mix_file):
+    slots, _ = read_slots(train_mix_file)
+    stream_slots(channel, slots.select(slice(0, 16)), context="unlabelled", prefix="u")
+    rows = {t.context: t for t in pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest()).contexts}
+    assert rows["unlabelled"].slots == 0 and 0 < rows["unlabelled"].estimated_ber <= 0.5
+    assert re.search(r'^deeprx_context_ber_estimate\{context="unlabelled"\}', scrape(server.metrics_port), re.M)
