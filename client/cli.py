@@ -55,33 +55,39 @@ def _load_or_simulate(args: argparse.Namespace):
     from schema.dataset import SlotBatch, read_slots
 
     if args.data:
-        slots, _ = read_slots(args.data)
-        return slots.select(slice(0, args.slots)) if args.slots else slots
+        slots, attrs = read_slots(args.data)
+        return (slots.select(slice(0, args.slots)) if args.slots else slots), int(attrs["scs_khz"])
     from tqdm import tqdm
 
     from client.simulator import SlotSimulator
 
-    simulator = SlotSimulator(parse_scenario(args.scenario), seed=args.seed)
+    scenario = parse_scenario(args.scenario)
+    simulator = SlotSimulator(scenario, seed=args.seed)
     with tqdm(total=args.slots, unit="slot", desc="simulate", disable=args.json) as bar:
         batches = []
         for batch in simulator.batches(args.slots):
             batches.append(batch)
             bar.update(len(batch))
-    return SlotBatch.concatenate(batches)
+    return SlotBatch.concatenate(batches), scenario.scs_khz
 
 
 def _stream(args: argparse.Namespace) -> int:
     import json
 
-    from client.stream import send_genie_feedback, stream_slots
+    from client.stream import send_crc_feedback, send_genie_feedback, stream_slots
 
     if not args.data and not args.slots:
         raise ScenarioError("give --slots with --scenario")
-    slots = _load_or_simulate(args)
+    slots, scs_khz = _load_or_simulate(args)
+    crc_passed = None
     with _channel(args.server, args.connect_timeout) as channel:
-        report, _ = stream_slots(channel, slots, args.context, streams=args.streams, rate=args.rate,
-                                 prefix=args.prefix, window=args.window)
-        feedback = send_genie_feedback(channel, slots, prefix=args.prefix) if args.feedback == "genie" else None
+        report, results = stream_slots(channel, slots, args.context, streams=args.streams, rate=args.rate,
+                                       prefix=args.prefix, window=args.window)
+        feedback = None
+        if args.feedback == "genie":
+            feedback = send_genie_feedback(channel, slots, prefix=args.prefix)
+        elif args.feedback == "crc":
+            feedback, crc_passed = send_crc_feedback(channel, slots, results, scs_khz, prefix=args.prefix)
     bits = max(1, int(slots.num_bits.sum()))
     summary = {
         "slots": report.slots, "streams": args.streams, "seconds": round(report.seconds, 3),
@@ -94,6 +100,7 @@ def _stream(args: argparse.Namespace) -> int:
                               "p99": report.percentile_ms(99, server=True)},
         "model_versions": report.versions,
         "feedback_accepted": feedback.accepted if feedback else 0,
+        "transport_blocks_passed": crc_passed,
     }
     if args.json:
         print(json.dumps(summary))
@@ -105,7 +112,9 @@ def _stream(args: argparse.Namespace) -> int:
     print(f"uncoded BER  served {summary['ber']['served']:.5f}   LS-LMMSE {summary['ber']['ls_lmmse']:.5f}   "
           f"genie {summary['ber']['genie']:.5f}")
     if feedback:
-        print(f"feedback: {feedback.accepted} slots accepted, {feedback.unknown_slots} unknown to the server")
+        print(f"feedback ({args.feedback}): {feedback.accepted} slots labelled, {feedback.unknown_slots} unknown "
+              f"to the server" + (f"; {crc_passed}/{len(slots)} transport blocks passed CRC"
+                                  if crc_passed is not None else ""))
     return 0
 
 
@@ -214,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--rate", type=float, default=0.0, help="total slots/s to send (0: as fast as served)")
     stream.add_argument("--streams", type=int, default=1, help="concurrent StreamDetect calls")
     stream.add_argument("--window", type=int, default=8, help="slots in flight per stream (closed loop)")
-    stream.add_argument("--feedback", choices=("genie", "none"), default="genie",
-                        help="report the true coded bits after streaming")
+    stream.add_argument("--feedback", choices=("genie", "crc", "none"), default="genie",
+                        help="after streaming, report labels: the simulator's true coded bits (genie), or the "
+                             "CRC result of LDPC-decoding the served LLRs with the re-encoded bits when it "
+                             "passed (crc: the label a real deployment has)")
     stream.add_argument("--context", default="default", help="context key the slots are served under")
     stream.add_argument("--prefix", default="slot", help="slot id prefix (ids are PREFIX-ROW)")
     stream.add_argument("--json", action="store_true", help="print one JSON object")

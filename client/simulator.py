@@ -45,15 +45,21 @@ class GroupDraw:
     modulation: str
 
 
+def pusch_config(prb: int, scs_khz: int, dmrs_additional_position: int, modulation: str) -> PUSCHConfig:
+    """The PUSCH configuration every simulated slot uses (one layer, one port, DMRS type 1)."""
+    config = PUSCHConfig()
+    config.carrier.n_size_grid = prb
+    config.carrier.subcarrier_spacing = scs_khz
+    config.dmrs.additional_position = dmrs_additional_position
+    config.tb.mcs_index = MCS_INDEX[modulation]
+    return config
+
+
 class _Link:
     """Transmitter and the two baseline receivers for one (DMRS, modulation) setting."""
 
     def __init__(self, scenario: Scenario, dmrs_additional_position: int, modulation: str):
-        config = PUSCHConfig()
-        config.carrier.n_size_grid = scenario.prb
-        config.carrier.subcarrier_spacing = scenario.scs_khz
-        config.dmrs.additional_position = dmrs_additional_position
-        config.tb.mcs_index = MCS_INDEX[modulation]
+        config = pusch_config(scenario.prb, scenario.scs_khz, dmrs_additional_position, modulation)
         self.bits_per_symbol = MODULATIONS[modulation]
         self.transmitter = PUSCHTransmitter(config, output_domain="freq")
         grid = self.transmitter.resource_grid

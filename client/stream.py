@@ -134,3 +134,35 @@ def send_genie_feedback(channel: grpc.Channel, slots: SlotBatch, prefix: str = "
         total.unknown_slots += response.unknown_slots
         total.errors.extend(response.errors)
     return total
+
+
+def send_crc_feedback(channel: grpc.Channel, slots: SlotBatch, results: dict[str, pb.SlotResult], scs_khz: int,
+                      prefix: str = "slot", chunk: int = 64) -> tuple[pb.ReportFeedbackResponse, int]:
+    """Decode every served slot's LLRs as a transport block and report the CRC result, with the
+    re-encoded coded bits when it passed (no genie involved). Returns the response and CRC passes."""
+    from client.transport import coder_for
+
+    prb = slots.y.shape[-1] // 12
+    items: list[pb.Feedback] = []
+    passed = 0
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row in range(len(slots)):
+        key = (int(slots.dmrs_additional_position[row]), int(slots.bits_per_symbol[row]))
+        groups.setdefault(key, []).append(row)
+    for (dmrs, k), rows in groups.items():
+        llrs = np.stack([codec.decode(results[f"{prefix}-{row}"].llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**8)
+                         for row in rows])
+        crc_ok, coded = coder_for(prb, scs_khz, dmrs, k).decode(llrs)
+        for i, row in enumerate(rows):
+            block = pb.TransportBlockResult(crc_ok=bool(crc_ok[i]),
+                                            coded_bits=codec.encode(coded[i]) if crc_ok[i] else None)
+            items.append(pb.Feedback(slot_id=f"{prefix}-{row}", transport_block=block))
+        passed += int(crc_ok.sum())
+    stub = pb_grpc.ReceiverStub(channel)
+    total = pb.ReportFeedbackResponse()
+    for start in range(0, len(items), chunk):
+        response = stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=items[start:start + chunk]))
+        total.accepted += response.accepted
+        total.unknown_slots += response.unknown_slots
+        total.errors.extend(response.errors)
+    return total, passed

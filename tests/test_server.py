@@ -136,3 +136,30 @@ def test_label_free_estimate_tracks_served_confidence(server, channel, train_mix
     rows = {t.context: t for t in pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest()).contexts}
     assert rows["unlabelled"].slots == 0 and 0 < rows["unlabelled"].estimated_ber <= 0.5
     assert re.search(r'^deeprx_context_ber_estimate\{context="unlabelled"\}', scrape(server.metrics_port), re.M)
+
+
+def test_crc_feedback_labels_only_blocks_that_decode(server, train_mix_file, capsys):
+    code = client_main(["stream", "--server", f"127.0.0.1:{server.port}", "--data", str(train_mix_file),
+                        "--slots", "24", "--context", "crc", "--feedback", "crc", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    # an untrained tiny model serves near-random LLRs: no block decodes, so nothing is labelled
+    assert summary["transport_blocks_passed"] == summary["feedback_accepted"] == 0
+    text = scrape(server.metrics_port)
+    assert re.search(r'^deeprx_feedback_total\{kind="crc_fail"\} 24\.0', text, re.M)
+
+
+def test_crc_feedback_labels_match_the_true_bits_when_blocks_decode(server, channel, train_mix_file):
+    """Serve slots, then decode their *true* bits as perfect LLRs: every block passes and the
+    re-encoded coded bits the client reports are exactly the genie bits."""
+    from client.stream import data_bits, send_crc_feedback
+
+    slots, attrs = read_slots(train_mix_file)
+    subset = slots.select(slice(0, 8))
+    stream_slots(channel, subset, "crc2", prefix="t")
+    perfect = {f"t-{i}": pb.SlotResult(llrs=codec.encode((data_bits(subset, i) * 2.0 - 1.0) * 10)) for i in range(8)}
+    response, passed = send_crc_feedback(channel, subset, perfect, int(attrs["scs_khz"]), prefix="t")
+    assert passed == 8 and response.accepted == 8
+    served_errors = {e.slot_id: e.bit_errors for e in response.errors}
+    genie = send_genie_feedback(channel, subset, prefix="t")
+    assert served_errors == {e.slot_id: e.bit_errors for e in genie.errors}
