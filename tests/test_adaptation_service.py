@@ -3,7 +3,6 @@ import re
 import time
 
 import grpc
-import numpy as np
 import pytest
 
 from client.stream import data_bits, send_genie_feedback, stream_slots

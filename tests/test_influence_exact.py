@@ -111,7 +111,6 @@ def _target_loss(model, space, params_flat, target) -> float:
 def trained_tiny(train_mix_file, tmp_path_factory):
     """A tiny model trained on the pool's distribution: far from an optimum (untrained) every sample is
     beneficial for every target, and there would be no harmful sample to test."""
-    from service.checkpoint import load_checkpoint
     from service.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained") / "tiny"

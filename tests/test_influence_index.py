@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from schema.dataset import SlotBatch, read_slots
+from schema.dataset import read_slots
 from service.checkpoint import load_checkpoint
 from service.features import prepare
 from service.influence.curvature import CurvatureConfig, fit_curvature
