@@ -64,6 +64,13 @@ class MonitorConfig:
 
 
 @dataclass
+class ReplicationConfig:
+    registry: str = ""  # shared registry directory (default: <store>/models, not shared)
+    publish: str = ""  # leader: ZeroMQ endpoint to announce activations on, e.g. tcp://0.0.0.0:5557
+    follow: str = ""  # follower: the leader's endpoint, e.g. tcp://leader:5557
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -73,6 +80,7 @@ class ServerConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
     @staticmethod
     def from_toml(path: str | Path) -> "ServerConfig":

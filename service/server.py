@@ -31,6 +31,7 @@ from service.metrics import ServiceMetrics
 from service.adaptation.worker import AdaptationError, AdaptationWorker
 from service.monitor import FeedbackMonitor, ServedSlot, TargetRule
 from service.registry import ModelRegistry, ModelVersion, UnknownVersion
+from service.replication import VersionAnnouncer, VersionFollower
 from service.slot import ReceivedSlot
 from service.store import SampleStore, SlotLabel
 
@@ -383,7 +384,8 @@ class ReceiverServer:
         self.config = config
         store_dir = Path(store_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.registry = ModelRegistry(store_dir / "models", device)
+        replication = config.replication
+        self.registry = ModelRegistry(replication.registry or store_dir / "models", device)
         if self.registry.active is None:
             if model_dir is None:
                 raise ValueError(f"'{store_dir}' holds no active model and no --model was given")
@@ -418,6 +420,8 @@ class ReceiverServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc_server)
+        self.announcer = VersionAnnouncer(self.registry, replication.publish) if replication.publish else None
+        self.follower = VersionFollower(self.registry, replication.follow) if replication.follow else None
         self.port = self.grpc_server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
@@ -455,6 +459,9 @@ class ReceiverServer:
         self.batcher.close()
         if self.store is not None:
             self.store.close()
+        for endpoint in (self.announcer, self.follower):
+            if endpoint is not None:
+                endpoint.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
