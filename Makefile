@@ -49,7 +49,10 @@ demo: $(STAMP)
 	$(BIN)/python -c "import urllib.request as u; print(*[l for l in u.urlopen('http://127.0.0.1:$(DEMO_METRICS_PORT)/metrics').read().decode().splitlines() if l.startswith(('deeprx_context_ber', 'deeprx_model_info', 'deeprx_adaptation_jobs_total'))], sep='\n')" || status=$$?; \
 	kill -TERM $$server; wait $$server || status=$$?; exit $$status
 
+# Tests use a real Prometheus (Debian's package), installed here when missing.
 test: $(STAMP)
+	command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+	    || echo "could not install prometheus: its tests will skip (outside CI) or fail (CI)"
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -91,6 +91,9 @@ class AdaptationWorker:
         self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits, slots]
         self._last_auto: dict[str, float] = {}
         self._regression = self._load_regression()
+        for method in METHODS:  # every series exists from the start, so a first failure is an increase
+            for outcome in ("accepted", "rejected", "failed"):
+                metrics.adaptation_jobs.labels(method, outcome)
         self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
         self._thread.start()
 
