@@ -23,40 +23,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.child import run_in_child  # noqa: E402
-from schema.dataset import read_slots  # noqa: E402
-from service.checkpoint import load_checkpoint  # noqa: E402
-from service.features import prepare  # noqa: E402
+from benchmarks.common import add_workload_arguments, load_workload, run_in_child  # noqa: E402
 from service.influence.compress import Compressor  # noqa: E402
 from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
-from service.influence.gradients import ParameterSpace  # noqa: E402
 from service.influence.learned import EstimatorConfig, InfluenceEstimator, slot_features, spearman  # noqa: E402
 from service.influence.scores import influence, normalised  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "small")
-    parser.add_argument("--pool", type=Path, required=True)
-    parser.add_argument("--targets", type=Path, required=True)
-    parser.add_argument("--pool-slots", type=int, default=2000)
-    parser.add_argument("--target-slots", type=int, default=32)
-    parser.add_argument("--fit-slots", type=int, default=256)
+    add_workload_arguments(parser)
     parser.add_argument("--methods", default="identity,diagonal,kfac,ekfac,arnoldi")
     parser.add_argument("--compress", default="mask:0.01,mask:0.05,gauss:1024,gauss:4096,sjlt:1024,sjlt:4096")
-    parser.add_argument("--cg-iterations", type=int, default=100)
     parser.add_argument("--learned-fraction", type=float, default=0.05)
     parser.add_argument("--learned-targets", type=int, default=8, help="target groups for the learned estimator")
     parser.add_argument("--top", type=int, default=100, help="top slots used for the condition analysis")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    model = load_checkpoint(args.model).model.eval()
-    space = ParameterSpace.convolutions(model)
-    pool_slots, _ = read_slots(args.pool, slice(0, args.pool_slots))
-    target_slots, target_attrs = read_slots(args.targets, slice(0, args.target_slots))
-    pool, targets = prepare(pool_slots), prepare(target_slots)
-    fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[: args.fit_slots]]
+    work = load_workload(args)
+    model, space, pool_slots, target_attrs = work.model, work.space, work.pool_slots, work.target_attrs
+    pool, targets, fit = work.pool, work.targets, work.fit
     out: dict = {"model": str(args.model), "parameters": space.size, "pool": len(pool), "targets": len(targets),
                  "target_scenario": target_attrs.get("scenario", ""), "fit_slots": len(fit)}
 

@@ -34,10 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.child import run_in_child  # noqa: E402
-from schema.dataset import read_slots  # noqa: E402
+from benchmarks.common import add_workload_arguments, load_workload, run_in_child  # noqa: E402
 from service.checkpoint import load_checkpoint  # noqa: E402
-from service.features import SlotTensors, prepare  # noqa: E402
+from service.features import SlotTensors  # noqa: E402
 from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
 from service.influence.gradients import ParameterSpace  # noqa: E402
 from service.influence.learned import spearman  # noqa: E402
@@ -158,25 +157,16 @@ def run_dattri(model, pool: SlotTensors, targets: SlotTensors, damping: float, i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "small")
-    parser.add_argument("--pool", type=Path, required=True)
-    parser.add_argument("--targets", type=Path, required=True)
-    parser.add_argument("--pool-slots", type=int, default=2000)
-    parser.add_argument("--target-slots", type=int, default=32)
-    parser.add_argument("--fit-slots", type=int, default=256)
-    parser.add_argument("--cg-iterations", type=int, default=100)
+    add_workload_arguments(parser)
     parser.add_argument("--proj-dim", type=int, default=4096)
     parser.add_argument("--libraries", default="engine,kronfluence,trak,dattri")
     parser.add_argument("--memory-limit-gb", type=float, default=12.0, help="address-space cap per library run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    model = load_checkpoint(args.model).model.eval()
+    work = load_workload(args)
+    model, space, pool, targets, fit = work.model, work.space, work.pool, work.targets, work.fit
     _freeze_batch_norm(model)
-    pool = prepare(read_slots(args.pool, slice(0, args.pool_slots))[0])
-    targets = prepare(read_slots(args.targets, slice(0, args.target_slots))[0])
-    space = ParameterSpace.convolutions(model)
-    fit = pool[: args.fit_slots]
     damping = default_damping(space, fit, CurvatureConfig())
     start = time.perf_counter()
     gradients = space.per_sample_gradients(pool)

@@ -118,12 +118,18 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
-    from proto import receiver_pb2 as pb
+def _call(args: argparse.Namespace, method: str, request):
+    """One RPC on the service named by ``--server``."""
     from proto import receiver_pb2_grpc as pb_grpc
 
     with _channel(args.server, args.connect_timeout) as channel:
-        response = pb_grpc.ReceiverStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+        return getattr(pb_grpc.ReceiverStub(channel), method)(request, timeout=args.timeout)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from proto import receiver_pb2 as pb
+
+    response = _call(args, "ListModels", pb.ListModelsRequest())
     print(f"{'version':>8} {'active':>6} {'parent':>8} {'creator':>16} {'created':>25}  metrics")
     for m in response.models:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
@@ -133,21 +139,16 @@ def _models(args: argparse.Namespace) -> int:
 
 def _activate(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
-    from proto import receiver_pb2_grpc as pb_grpc
 
-    with _channel(args.server, args.connect_timeout) as channel:
-        info = pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=args.version),
-                                                           timeout=args.timeout)
+    info = _call(args, "ActivateModel", pb.ActivateModelRequest(version=args.version))
     print(f"active model is now {info.version}")
     return 0
 
 
 def _targets(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
-    from proto import receiver_pb2_grpc as pb_grpc
 
-    with _channel(args.server, args.connect_timeout) as channel:
-        response = pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest(), timeout=args.timeout)
+    response = _call(args, "ListTargets", pb.ListTargetsRequest())
     print(f"{'context':>20} {'target':>6} {'slots':>6} {'served BER':>11} {'genie BER':>10} {'estimated':>10}")
     for t in response.contexts:
         genie = f"{t.genie_ber:.5f}" if t.genie_ber >= 0 else "-"
@@ -189,6 +190,13 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0 if state in ("ACCEPTED", "REJECTED") else 1
 
 
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the service")
+    parser.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
+                        help="seconds to wait for the service to answer")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-RPC timeout in seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeprx-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate slots (or read --data), stream them over gRPC, send genie feedback, and print "
                     "the served BER beside the LS-LMMSE and genie BER of the same slots, throughput and latency.",
     )
-    stream.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
-                        help="seconds to wait for the service to answer")
-    stream.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the service")
+    _server_arguments(stream)
     source = stream.add_mutually_exclusive_group(required=True)
     source.add_argument("--scenario", help=SCENARIO_HELP)
     source.add_argument("--data", type=Path, help="stream slots from this HDF5 dataset instead")
@@ -233,25 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     stream.set_defaults(run=_stream)
 
     models = commands.add_parser("models", help="list the service's model versions")
-    models.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
-                        help="seconds to wait for the service to answer")
-    models.add_argument("--server", default="127.0.0.1:50051")
-    models.add_argument("--timeout", type=float, default=10.0)
+    _server_arguments(models)
     models.set_defaults(run=_models)
 
     targets = commands.add_parser("targets", help="per-context served BER and which contexts are targets")
-    targets.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
-                         help="seconds to wait for the service to answer")
-    targets.add_argument("--server", default="127.0.0.1:50051")
-    targets.add_argument("--timeout", type=float, default=10.0)
+    _server_arguments(targets)
     targets.set_defaults(run=_targets)
 
     adapt = commands.add_parser("adapt", help="start an adaptation job for a target",
                                 description="Ask the service to adapt its model to a target (a context key or "
                                             "explicit slot ids); with --wait, follow the job to its end.")
-    adapt.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
-                       help="seconds to wait for the service to answer")
-    adapt.add_argument("--server", default="127.0.0.1:50051")
+    _server_arguments(adapt)
     adapt.add_argument("--context", help="target context key")
     adapt.add_argument("--slot-ids", dest="slot_ids", nargs="*", default=[], help="explicit target slot ids")
     adapt.add_argument("--method", default="first-order",
@@ -259,15 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="job option: k, steps, learning_rate, curvature (repeatable)")
     adapt.add_argument("--wait", action="store_true", help="show progress until the job ends")
-    adapt.add_argument("--timeout", type=float, default=10.0, help="per-RPC timeout in seconds")
     adapt.set_defaults(run=_adapt)
 
     activate = commands.add_parser("activate", help="switch the service to (or roll back to) a stored version")
-    activate.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
-                        help="seconds to wait for the service to answer")
-    activate.add_argument("--server", default="127.0.0.1:50051")
+    _server_arguments(activate)
     activate.add_argument("--version", required=True, help="version name, e.g. v3")
-    activate.add_argument("--timeout", type=float, default=10.0)
     activate.set_defaults(run=_activate)
     return parser
 

@@ -42,6 +42,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_checkpoint(tmp_path_factory, train_mix_file) -> Path:
+    """A tiny DeepRx trained briefly on the training mix: near an optimum of the pool's distribution,
+    so influence finds both helpful and harmful slots, and an unseen drift condition is a weak spot."""
+    from service.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "tiny"
+    train(train_mix_file, out, TrainConfig(size="tiny", steps=300, batch_size=16, learning_rate=1e-2,
+                                           warmup_steps=10, validation_slots=8, checkpoint_every=300),
+          progress=False)
+    return out
+
+
 @pytest.fixture
 def server(tmp_path, tiny_checkpoint):
     """A real server on 127.0.0.1 with free ports, stopped after the test."""

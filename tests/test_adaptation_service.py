@@ -12,19 +12,15 @@ from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.config import ServerConfig
 from service.server import ReceiverServer
-from service.train import TrainConfig, train
 from tests.conftest import scrape, simulate
 
 DRIFT = "channel=TDL-D,speed=100:150,snr=15:25,dmrs=0"
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, train_mix_file):
+def files(tmp_path_factory, train_mix_file, trained_tiny_checkpoint):
     root = tmp_path_factory.mktemp("adaptation-service")
-    train(train_mix_file, root / "model", TrainConfig(size="tiny", steps=300, batch_size=16, learning_rate=1e-2,
-                                                      warmup_steps=10, validation_slots=8, checkpoint_every=300),
-          progress=False)
-    return {"model": root / "model", "drift": simulate(root / "drift.h5", DRIFT, 64, seed=21),
+    return {"model": trained_tiny_checkpoint, "drift": simulate(root / "drift.h5", DRIFT, 64, seed=21),
             "pool": simulate(root / "pool.h5", "channel=TDL-A|TDL-D,speed=0:150,snr=5:25,dmrs=0:1", 96, seed=22),
             "regression": train_mix_file}
 

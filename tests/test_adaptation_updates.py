@@ -8,21 +8,17 @@ from service.adaptation.updates import UpdateConfig, adapt, fine_tune, select_be
 from service.checkpoint import load_checkpoint
 from service.features import prepare
 from service.influence.curvature import CurvatureConfig
-from service.train import TrainConfig, train
 from tests.conftest import simulate
 
 
 @pytest.fixture(scope="module")
-def setting(tmp_path_factory, train_mix_file):
+def setting(tmp_path_factory, train_mix_file, trained_tiny_checkpoint):
     """A tiny model trained on the training mix; a target condition it has not seen (fast UEs, 1 DMRS)."""
     root = tmp_path_factory.mktemp("adapt")
-    train(train_mix_file, root / "model", TrainConfig(size="tiny", steps=300, batch_size=16, learning_rate=1e-2,
-                                                      warmup_steps=10, validation_slots=8, checkpoint_every=300),
-          progress=False)
     target_file = simulate(root / "target.h5", "channel=TDL-D,speed=100:150,snr=15:25,dmrs=0", 48, seed=9)
     pool_file = simulate(root / "pool.h5", "channel=TDL-A|TDL-D,speed=0:150,snr=5:25,dmrs=0:1", 96, seed=10)
     target = prepare(read_slots(target_file)[0])
-    return (load_checkpoint(root / "model").model, prepare(read_slots(pool_file)[0]), target[:24], target[24:],
+    return (load_checkpoint(trained_tiny_checkpoint).model, prepare(read_slots(pool_file)[0]), target[:24], target[24:],
             prepare(read_slots(train_mix_file)[0]))
 
 

@@ -1,24 +1,13 @@
 import json
 
-import pytest
 
 from service.cli import main as service_main
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, train_mix_file):
-    from service.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("exp") / "model"
-    train(train_mix_file, out, TrainConfig(size="tiny", steps=200, batch_size=16, learning_rate=1e-2,
-                                           warmup_steps=10, validation_slots=8, checkpoint_every=200), progress=False)
-    return out
-
-
-def test_experiment_cli_reports_every_method_seed_and_target(trained, train_mix_file, high_snr_file, capsys,
+def test_experiment_cli_reports_every_method_seed_and_target(trained_tiny_checkpoint, train_mix_file, high_snr_file, capsys,
                                                              tmp_path):
     plot = tmp_path / "gap.png"
-    code = service_main(["experiment", "--model", str(trained), "--pool", str(train_mix_file),
+    code = service_main(["experiment", "--model", str(trained_tiny_checkpoint), "--pool", str(train_mix_file),
                          "--targets", str(high_snr_file), "channel=TDL-D,speed=100:150,dmrs=0,snr=15:25",
                          "--target-slots", "40", "--adaptation-slots", "16", "--seeds", "2",
                          "--methods", "none,random,first-order:identity:raw,target-only", "--k", "16", "--steps", "10",

@@ -107,25 +107,14 @@ def _target_loss(model, space, params_flat, target) -> float:
         return float(per_slot_bce_bits(logits, target.labels, target.valid).mean())
 
 
-@pytest.fixture(scope="module")
-def trained_tiny(train_mix_file, tmp_path_factory):
-    """A tiny model trained on the pool's distribution: far from an optimum (untrained) every sample is
-    beneficial for every target, and there would be no harmful sample to test."""
-    from service.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("trained") / "tiny"
-    train(train_mix_file, out, TrainConfig(size="tiny", steps=300, batch_size=16, learning_rate=1e-2,
-                                          warmup_steps=10, validation_slots=16, checkpoint_every=150), progress=False)
-    return out
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("method", ["identity", "explicit"])
-def test_beneficial_samples_lower_the_target_loss_and_harmful_ones_raise_it(train_mix_file, trained_tiny, seed,
-                                                                           method):
+def test_beneficial_samples_lower_the_target_loss_and_harmful_ones_raise_it(train_mix_file, trained_tiny_checkpoint,
+                                                                           seed, method):
+    """Trained model: far from an optimum (untrained) every slot is beneficial for every target."""
     from service.checkpoint import load_checkpoint
 
-    model = load_checkpoint(trained_tiny).model.double().eval()
+    model = load_checkpoint(trained_tiny_checkpoint).model.double().eval()
     space = ParameterSpace.convolutions(model) if method == "identity" else ParameterSpace(
         model, [n for n in ParameterSpace.convolutions(model).names if n.startswith(("blocks.1.", "head."))])
     pool = _data(train_mix_file, range(8 * seed, 8 * seed + 24), prb=2)
