@@ -6,7 +6,7 @@
   Spearman and the cost ratio of features vs per-sample gradients;
 - which conditions the top-ranked pool slots come from, against the pool's base rates.
 
-Peak memory is measured per method in a forked child (``benchmarks/child.py``).
+Peak memory is the resident-set growth during each method's call (``benchmarks/common.py``).
 
     .venv/bin/python benchmarks/influence.py --model models/small --pool data/pool.h5 --targets data/drift.h5
 """
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_workload_arguments, load_workload, run_in_child  # noqa: E402
+from benchmarks.common import add_workload_arguments, load_workload, measure  # noqa: E402
 from service.influence.compress import Compressor  # noqa: E402
 from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
 from service.influence.learned import EstimatorConfig, InfluenceEstimator, slot_features, spearman  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> int:
     out: dict = {"model": str(args.model), "parameters": space.size, "pool": len(pool), "targets": len(targets),
                  "target_scenario": target_attrs.get("scenario", ""), "fit_slots": len(fit)}
 
-    gradients, seconds, memory = run_in_child(space.per_sample_gradients, pool)
+    gradients, seconds, memory = measure(space.per_sample_gradients, pool)
     target_gradient = space.mean_gradient(targets)
     out["pool_gradients"] = {"seconds": seconds, "peak_bytes": memory, "samples_per_second": len(pool) / seconds}
     print(f"per-sample gradients: {len(pool)} x {space.size} in {seconds:.1f} s ({len(pool) / seconds:.0f}/s)")
@@ -60,7 +60,7 @@ def main() -> int:
         return influence(target_gradient, gradients, curvature), normalised("l-relative", target_gradient,
                                                                             gradients, curvature)
 
-    reference, seconds, memory = run_in_child(
+    reference, seconds, memory = measure(
         lambda: influence(target_gradient, gradients, fit_curvature(
             space, fit, CurvatureConfig(method="cg", damping=damping, cg_iterations=args.cg_iterations,
                                         cg_tolerance=1e-6))))
@@ -68,7 +68,7 @@ def main() -> int:
     print(f"cg reference: {seconds:.1f} s")
     exact_by_method = {}
     for method in args.methods.split(","):
-        (raw, relative), seconds, memory = run_in_child(scores_with, method, {"rank": 64} if method == "arnoldi" else {})
+        (raw, relative), seconds, memory = measure(scores_with, method, {"rank": 64} if method == "arnoldi" else {})
         exact_by_method[method] = (raw, relative)
         out["methods"][method] = {"seconds": seconds, "peak_bytes": memory,
                                   "spearman_vs_cg": spearman(raw, reference),
@@ -86,7 +86,7 @@ def main() -> int:
             def sketched():
                 return -(compressor(gradients) @ compressor(preconditioned_target))
 
-            scores, seconds, memory = run_in_child(sketched)
+            scores, seconds, memory = measure(sketched)
             row = {"curvature": base, "compression": spec, "dim": compressor.output_dim(space.size),
                    "seconds": seconds, "peak_bytes": memory,
                    "spearman_vs_uncompressed": spearman(scores, uncompressed)}

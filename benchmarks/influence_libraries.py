@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_workload_arguments, load_workload, run_in_child  # noqa: E402
+from benchmarks.common import add_workload_arguments, load_workload, measure  # noqa: E402
 from service.checkpoint import load_checkpoint  # noqa: E402
 from service.features import SlotTensors  # noqa: E402
 from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
@@ -161,6 +164,8 @@ def main() -> int:
     parser.add_argument("--proj-dim", type=int, default=4096)
     parser.add_argument("--libraries", default="engine,kronfluence,trak,dattri")
     parser.add_argument("--memory-limit-gb", type=float, default=12.0, help="address-space cap per library run")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one library in this process
+    parser.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -168,6 +173,20 @@ def main() -> int:
     model, space, pool, targets, fit = work.model, work.space, work.pool, work.targets, work.fit
     _freeze_batch_norm(model)
     damping = default_damping(space, fit, CurvatureConfig())
+    workdir = Path(tempfile.mkdtemp(prefix="influence-libraries-"))
+    if args.only:  # a child run: one library, scores and cost to files
+        runners = {
+            "engine": lambda: influence(space.mean_gradient(targets), space.per_sample_gradients(pool),
+                                        fit_curvature(space, fit, CurvatureConfig(method="ekfac", damping=damping))),
+            "kronfluence": lambda: run_kronfluence(load_checkpoint(args.model).model.eval(), pool, targets, damping,
+                                                   workdir),
+            "trak": lambda: run_trak(model, pool, targets, args.proj_dim, damping, workdir),
+            "dattri": lambda: run_dattri(model, pool, targets, damping, args.cg_iterations),
+        }
+        scores, seconds, memory = measure(runners[args.only])
+        np.save(args.out_dir / f"{args.only}.npy", scores.float().numpy())
+        (args.out_dir / f"{args.only}.json").write_text(json.dumps({"seconds": seconds, "peak_bytes": memory}))
+        return 0
     start = time.perf_counter()
     gradients = space.per_sample_gradients(pool)
     target_gradient = space.mean_gradient(targets)
@@ -176,22 +195,21 @@ def main() -> int:
     reference = influence(target_gradient, gradients, fit_curvature(
         space, fit, CurvatureConfig(method="cg", damping=damping, cg_iterations=args.cg_iterations)))
     results = {"reference": {"method": "engine cg", "seconds": gradient_seconds + time.perf_counter() - start}}
-    workdir = Path(tempfile.mkdtemp(prefix="influence-libraries-"))
-    runners = {
-        "engine": lambda: influence(target_gradient, space.per_sample_gradients(pool),
-                                    fit_curvature(space, fit, CurvatureConfig(method="ekfac", damping=damping))),
-        "kronfluence": lambda: run_kronfluence(load_checkpoint(args.model).model.eval(), pool, targets, damping,
-                                               workdir),
-        "trak": lambda: run_trak(model, pool, targets, args.proj_dim, damping, workdir),
-        "dattri": lambda: run_dattri(model, pool, targets, damping, args.cg_iterations),
-    }
+    limit = int(args.memory_limit_gb * 2**30)
     for name in args.libraries.split(","):
-        try:
-            scores, seconds, memory = run_in_child(runners[name], memory_limit_bytes=int(args.memory_limit_gb * 2**30))
-        except RuntimeError as err:  # a library that cannot run (or runs out of memory) is a result
-            results[name] = {"error": str(err)}
-            print(f"{name:>12}: failed: {err}")
+        # a fresh process per library: its own memory cap, and no fork of a process running OpenMP threads
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--only", name, "--out-dir", str(workdir)],
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+            capture_output=True, text=True)
+        if child.returncode != 0:
+            error = (child.stderr.strip().splitlines() or ["exit code %d" % child.returncode])[-1][:300]
+            results[name] = {"error": error}
+            print(f"{name:>12}: failed: {error}")
             continue
+        scores = torch.from_numpy(np.load(workdir / f"{name}.npy"))
+        cost = json.loads((workdir / f"{name}.json").read_text())
+        seconds, memory = cost["seconds"], cost["peak_bytes"]
         results[name] = {"seconds": seconds, "peak_bytes": memory, "pool_per_second": len(pool) / seconds,
                          "spearman_vs_cg": spearman(scores.float(), reference.float())}
         print(f"{name:>12}: {seconds:8.1f} s ({len(pool) / seconds:7.1f} pool slots/s), "
