@@ -1,6 +1,7 @@
 """Uncoded BER of DeepRx beside the LS-LMMSE and genie baselines stored with each slot."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +76,7 @@ class BerReport:
             ax.semilogy(centres, [max(r[name], 1e-6) for r in rows], style, label=name)
         ax.set_xlabel("SNR [dB] (bin centre)")
         ax.set_ylabel("uncoded BER")
-        ax.set_title(title or "DeepRx vs classical receivers")
+        ax.set_title("\n".join(textwrap.wrap(title or "DeepRx vs classical receivers", 70)), fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
