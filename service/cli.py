@@ -105,6 +105,30 @@ def _influence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _influence_index(args: argparse.Namespace) -> int:
+    from schema.dataset import read_slots
+    from service.checkpoint import load_checkpoint
+    from service.influence.curvature import CurvatureConfig
+    from service.influence.index import GradientIndex, IndexConfig
+
+    checkpoint = load_checkpoint(args.model)
+    version = args.version or f"{Path(args.model).name}@{checkpoint.metadata.get('steps', 0)}"
+    pool, _ = read_slots(args.pool)
+    ids = [f"row-{i}" for i in range(len(pool))]
+    index = GradientIndex(args.index)
+    compression = None if args.compress == "none" else args.compress
+    if index.is_stale(version):
+        fit = [ids[i] for i in range(0, len(ids), max(1, len(ids) // args.fit_slots))][: args.fit_slots]
+        index.build(checkpoint.model, version, pool, ids, fit,
+                    IndexConfig(CurvatureConfig(method=args.method, damping=args.damping), compression))
+        print(f"built index of {len(ids)} pool rows for model {version} in {args.index}")
+        return 0
+    fit_rows = [int(i.split("-")[1]) for i in index.manifest["fit_ids"]]
+    added = index.extend(checkpoint.model, version, pool, ids, pool.select(fit_rows))
+    print(f"index for model {version} in {args.index}: {added} rows added, {len(index.slot_ids())} in all")
+    return 0
+
+
 def _target_file(spec_or_file: str, slots: int, seed: int, workdir: Path) -> tuple[str, Path]:
     """A dataset file as is; a scenario spec simulated by the client CLI (service never imports client)."""
     import subprocess
@@ -218,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     influence.add_argument("--json", action="store_true", help="print one JSON object")
     influence.set_defaults(run=_influence)
 
+    index = commands.add_parser(
+        "influence-index", help="build or extend a gradient index over a pool (also: influence index)",
+        description="Index a pool's sketched H^-1 g(z) rows for one-product influence queries. Builds the index "
+                    "when it is missing or was built on another model version; otherwise adds the pool rows "
+                    "not yet indexed (rows are named row-N by their position in --pool).")
+    index.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    index.add_argument("--pool", type=Path, required=True, help="HDF5 pool")
+    index.add_argument("--index", type=Path, required=True, help="index directory")
+    index.add_argument("--version", help="model version tag (default: checkpoint name@steps)")
+    index.add_argument("--method", choices=METHODS, default="ekfac")
+    index.add_argument("--damping", type=float, help="damping lambda (default: 0.1 x mean GGN eigenvalue)")
+    index.add_argument("--compress", default="sjlt:4096", help="mask:P, gauss:D, sjlt:D, or none")
+    index.add_argument("--fit-slots", dest="fit_slots", type=int, default=256, help="pool rows H is fitted on")
+    index.set_defaults(run=_influence_index)
+
     experiment = commands.add_parser(
         "experiment", help="compare adaptation methods on target conditions over seeds",
         description="For each target (a scenario spec, simulated with deeprx-client, or an HDF5 file): adapt "
@@ -263,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["influence", "index"]:  # `influence index ...` is `influence-index ...`
+        argv = ["influence-index", *argv[2:]]
     args = build_parser().parse_args(argv)
     _set_threads(args.threads)
     try:

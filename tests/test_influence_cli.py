@@ -29,3 +29,19 @@ def test_influence_table_names_scenario_columns(train_mix_file, high_snr_file, t
                          "--targets", str(high_snr_file), "--method", "identity", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "channel" in out and "speed" in out and "negative = beneficial" in out
+
+
+def test_influence_index_cli_builds_then_extends(train_mix_file, high_snr_file, tiny_checkpoint, tmp_path, capsys):
+    from service.checkpoint import load_checkpoint
+    from service.influence.index import GradientIndex
+
+    index_dir = tmp_path / "index"
+    args = ["influence", "index", "--model", str(tiny_checkpoint), "--index", str(index_dir), "--method", "kfac",
+            "--compress", "sjlt:256", "--fit-slots", "8", "--version", "v7"]
+    assert service_main([*args, "--pool", str(train_mix_file)]) == 0
+    assert "built index of 64 pool rows" in capsys.readouterr().out
+    assert service_main([*args, "--pool", str(train_mix_file)]) == 0
+    assert "0 rows added" in capsys.readouterr().out
+    targets, _ = read_slots(high_snr_file, slice(0, 8))
+    result = GradientIndex(index_dir).query(load_checkpoint(tiny_checkpoint).model, "v7", targets, k=5)
+    assert len(result.slot_ids) == 5 and all(s.startswith("row-") for s in result.slot_ids)
