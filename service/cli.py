@@ -181,6 +181,18 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _influence_arguments(parser: argparse.ArgumentParser, fit_slots: int) -> None:
+    """What every influence command needs: the model, the pool and how H is formed."""
+    from service.influence.curvature import METHODS
+
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--pool", type=Path, required=True, help="HDF5 pool of labelled slots")
+    parser.add_argument("--method", choices=METHODS, default="ekfac", help="curvature H (default ekfac)")
+    parser.add_argument("--damping", type=float, help="damping lambda (default: 0.1 x mean GGN eigenvalue)")
+    parser.add_argument("--fit-slots", dest="fit_slots", type=int, default=fit_slots,
+                        help="pool slots the curvature is fitted on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.train import TrainConfig
 
@@ -219,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bin-width", type=float, default=5.0, help="SNR bin width in dB")
     ev.set_defaults(run=_eval)
 
-    from service.influence.curvature import METHODS
     from service.influence.scores import NORMALISATIONS
 
     influence = commands.add_parser(
@@ -227,15 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Influence I(z,T) = -g_T^T H^-1 g(z) of every pool slot z on the mean loss of the target "
                     "slots T; negative = beneficial. Prints the top (most beneficial) slots with their scenario "
                     "parameters, so you can see which conditions help the target.")
-    influence.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    influence.add_argument("--pool", type=Path, required=True, help="HDF5 pool of labelled slots")
+    _influence_arguments(influence, fit_slots=512)
     influence.add_argument("--targets", type=Path, required=True, help="HDF5 target slots (the weak condition)")
-    influence.add_argument("--method", choices=METHODS, default="ekfac", help="curvature H (default ekfac)")
     influence.add_argument("--score", choices=NORMALISATIONS, default="l-relative", help="score normalisation")
-    influence.add_argument("--damping", type=float, help="damping lambda (default: 0.1 x mean GGN eigenvalue)")
     influence.add_argument("--rank", type=int, default=64, help="eigenpairs kept by --method arnoldi")
-    influence.add_argument("--fit-slots", dest="fit_slots", type=int, default=512,
-                           help="pool slots the curvature is fitted on")
     influence.add_argument("--compress", help="sketch gradients: mask:FRACTION, gauss:DIM or sjlt:DIM "
                                               "(raw and l-relative scores)")
     influence.add_argument("--top", type=int, default=10, help="how many pool slots to print")
@@ -247,14 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Index a pool's sketched H^-1 g(z) rows for one-product influence queries. Builds the index "
                     "when it is missing or was built on another model version; otherwise adds the pool rows "
                     "not yet indexed (rows are named row-N by their position in --pool).")
-    index.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    index.add_argument("--pool", type=Path, required=True, help="HDF5 pool")
+    _influence_arguments(index, fit_slots=256)
     index.add_argument("--index", type=Path, required=True, help="index directory")
     index.add_argument("--version", help="model version tag (default: checkpoint name@steps)")
-    index.add_argument("--method", choices=METHODS, default="ekfac")
-    index.add_argument("--damping", type=float, help="damping lambda (default: 0.1 x mean GGN eigenvalue)")
     index.add_argument("--compress", default="sjlt:4096", help="mask:P, gauss:D, sjlt:D, or none")
-    index.add_argument("--fit-slots", dest="fit_slots", type=int, default=256, help="pool rows H is fitted on")
     index.set_defaults(run=_influence_index)
 
     experiment = commands.add_parser(

@@ -65,6 +65,11 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                          SlotBatch.concatenate([s[0] for s in splits.values()])))
         for run_name, held_outs, adaptation_slots in runs:
             adaptation = prepare(adaptation_slots)
+            # per held-out set: tensors, the unadapted model's BER and genie BER, computed once for all methods
+            baselines = {}
+            for name, slots in held_outs.items():
+                data = prepare(slots)
+                baselines[name] = (data, validate(model, data)["ber"], _genie_ber(slots))
             for method in methods:
                 start = time.perf_counter()
                 update = method_config(method, config.update, seed)
@@ -72,10 +77,8 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                 adapted = model if update is None else adapt(model, pool_data, adaptation, update).model
                 seconds = time.perf_counter() - start
                 non_target = validate(adapted, regression_data)["ber"] - regression_before
-                for target_name, held_out_slots in held_outs.items():
-                    held_out = prepare(held_out_slots)
-                    before, after = validate(model, held_out)["ber"], validate(adapted, held_out)["ber"]
-                    genie = _genie_ber(held_out_slots)
+                for target_name, (held_out, before, genie) in baselines.items():
+                    after = validate(adapted, held_out)["ber"]
                     rows.append({
                         "target": target_name if run_name != "multi" else f"multi:{target_name}",
                         "method": method, "seed": seed, "ber_before": before, "ber_after": after, "ber_genie": genie,

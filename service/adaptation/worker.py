@@ -91,6 +91,7 @@ class AdaptationWorker:
         self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits, slots]
         self._last_auto: dict[str, float] = {}
         self._regression = self._load_regression()
+        self._pool_file = read_slots(config.pool)[0] if config.pool else None  # read once, not per job
         for method in METHODS:  # every series exists from the start, so a first failure is an increase
             for outcome in ("accepted", "rejected", "failed"):
                 metrics.adaptation_jobs.labels(method, outcome)
@@ -201,8 +202,8 @@ class AdaptationWorker:
         return slots, ids
 
     def _pool(self, job: Job) -> SlotBatch:
-        if self.config.pool:
-            return read_slots(self.config.pool)[0]
+        if self._pool_file is not None:
+            return self._pool_file
         slots, _ = self.store.labelled()
         return slots.select(slots.channel != job.context)
 
