@@ -3,7 +3,8 @@
 The published shape (Honkala et al., "DeepRx", 2021): a 3x3 input convolution, pre-activation
 ResNet blocks of depthwise-separable 3x3 convolutions with dilations over (subcarrier, symbol),
 and a 1x1 output convolution with one logit per bit (6, enough for 64QAM), masked by modulation.
-Logits follow Sionna's LLR sign: ``log P(b=1) / P(b=0)``.
+Optionally one learned multiplicative layer (after Korpi et al., "DeepRx MIMO", 2021) mid-network:
+see ``MatchedFilter``. Logits follow Sionna's LLR sign: ``log P(b=1) / P(b=0)``.
 """
 from __future__ import annotations
 
@@ -22,26 +23,33 @@ _FULL_DILATIONS = ((1, 1), (1, 1), (2, 3), (2, 3), (2, 3), (3, 6), (2, 3), (2, 3
 
 @dataclass(frozen=True)
 class DeepRxConfig:
-    """Architecture of one DeepRx; ``dilations`` are (subcarrier, symbol) per block."""
+    """Architecture of one DeepRx; ``dilations`` are (subcarrier, symbol) per block; ``products``
+    complex estimates enter a ``MatchedFilter`` after block ``products_after`` (0 products: none)."""
 
     widths: tuple[int, ...]
     dilations: tuple[tuple[int, int], ...]
     rx: int = 2
+    products: int = 0
+    products_after: int = 0
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.dilations):
             raise ValueError("widths and dilations must have one entry per block")
+        if not 0 <= self.products_after < len(self.widths):
+            raise ValueError("products_after must name a block")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(values: dict) -> "DeepRxConfig":
-        return DeepRxConfig(tuple(values["widths"]), tuple(tuple(d) for d in values["dilations"]), values["rx"])
+        return DeepRxConfig(tuple(values["widths"]), tuple(tuple(d) for d in values["dilations"]), values["rx"],
+                            values.get("products", 0), values.get("products_after", 0))
 
 
 def _scaled(divisor: int, rx: int) -> DeepRxConfig:
-    return DeepRxConfig(tuple(w // divisor for w in _FULL_WIDTHS), _FULL_DILATIONS, rx)
+    # products after block 4: its receptive field (33 subcarriers x 45 symbols) spans the pilots
+    return DeepRxConfig(tuple(w // divisor for w in _FULL_WIDTHS), _FULL_DILATIONS, rx, 32 // divisor, 4)
 
 
 SIZES = {
@@ -80,6 +88,28 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.body(x)
 
 
+class MatchedFilter(nn.Module):
+    """Learned multiplicative transformation. Demapping needs products such as ``conj(h) y`` and
+    ``|h|^2``, which ReLU convolutions only approximate with much width; here the feature map
+    proposes ``K`` complex channel-like estimates ``u_k`` (1x1 conv), the layer forms
+    ``conj(u_k) y_a`` for every antenna and ``|u_k|^2`` exactly, and adds a 1x1 projection of those
+    ``K (2A + 1)`` maps back into the residual stream."""
+
+    def __init__(self, width: int, count: int, rx: int):
+        super().__init__()
+        self.estimate = nn.Conv2d(width, 2 * count, 1)
+        self.project = nn.Conv2d(count * (2 * rx + 1), width, 1)
+
+    def forward(self, x: torch.Tensor, y_real: torch.Tensor, y_imag: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, C, F, S]; ``y_real``, ``y_imag`` [B, A, F, S] (the received grid)."""
+        u_real, u_imag = self.estimate(x)[:, :, None].chunk(2, dim=1)  # [B, K, 1, F, S] each
+        y_real, y_imag = y_real[:, None], y_imag[:, None]  # [B, 1, A, F, S]
+        matched_real = u_real * y_real + u_imag * y_imag  # conj(u) y
+        matched_imag = u_real * y_imag - u_imag * y_real
+        energy = (u_real.square() + u_imag.square())[:, :, 0]
+        return x + self.project(torch.cat([matched_real.flatten(1, 2), matched_imag.flatten(1, 2), energy], dim=1))
+
+
 class DeepRx(nn.Module):
     """features [B, 4A+2, F, S], bits_per_symbol [B] -> logits [B, 6, F, S] (unused bits are 0)."""
 
@@ -91,11 +121,18 @@ class DeepRx(nn.Module):
         self.blocks = nn.Sequential(*[
             ResBlock(cin, cout, d) for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
         ])
+        self.matched_filter = (MatchedFilter(widths[config.products_after], config.products, config.rx)
+                               if config.products else None)
         self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.Conv2d(widths[-1], MAX_BITS_PER_SYMBOL, 1))
 
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.blocks(self.input_conv(features)))
-        return logits * bit_mask(bits_per_symbol)
+        x = self.input_conv(features)
+        rx = self.config.rx  # features start with Re Y (rx channels), then Im Y (rx channels)
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if self.matched_filter is not None and index == self.config.products_after:
+                x = self.matched_filter(x, features[:, :rx], features[:, rx:2 * rx])
+        return self.head(x) * bit_mask(bits_per_symbol)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

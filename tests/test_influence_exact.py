@@ -12,7 +12,7 @@ from service.influence.curvature import CurvatureConfig, fit_curvature
 from service.influence.gradients import ParameterSpace
 from service.influence.scores import influence, most_beneficial, normalised, self_influence
 from service.loss import per_slot_bce_bits
-from service.model import DeepRx, config_for
+from service.model import DeepRx, DeepRxConfig, config_for
 
 
 def _data(path, rows, prb=1):
@@ -134,3 +134,18 @@ def test_beneficial_samples_lower_the_target_loss_and_harmful_ones_raise_it(trai
         assert sign * change > 0, (method, seed, index, change)
         # ReLU makes the loss piecewise smooth: a step can cross kinks, so the match is approximate
         assert change == pytest.approx(eps * float(scores[index]), rel=0.15), "first-order prediction"
+
+
+def test_per_sample_gradients_through_the_matched_filter_equal_autograd(train_mix_file):
+    torch.manual_seed(1)
+    model = DeepRx(DeepRxConfig((8, 8), ((1, 1), (2, 3)), rx=2, products=2, products_after=0)).double().eval()
+    space = ParameterSpace.convolutions(model)
+    assert "matched_filter.estimate.weight" in space.names and "matched_filter.project.weight" in space.names
+    data = _data(train_mix_file, range(0, 3))
+    gradients = space.per_sample_gradients(data)
+    params = dict(model.named_parameters())
+    for n in range(len(data)):
+        loss = per_slot_bce_bits(model(data.features[n:n + 1], data.bits_per_symbol[n:n + 1]),
+                                 data.labels[n:n + 1], data.valid[n:n + 1]).sum()
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [params[p] for p in space.names])])
+        assert torch.allclose(gradients[n], expected, rtol=1e-8, atol=1e-12)

@@ -5,7 +5,7 @@ import torch
 
 from service.checkpoint import load_checkpoint, save_checkpoint
 from service.loss import bce_bits, bit_errors, per_slot_bce_bits
-from service.model import DeepRx, config_for
+from service.model import DeepRx, DeepRxConfig, MatchedFilter, config_for
 
 
 @pytest.mark.parametrize("rx", [1, 2, 4])
@@ -28,6 +28,31 @@ def test_sizes_grow_and_full_is_the_published_shape():
     assert counts["tiny"] < 5_000 < counts["small"] < 100_000 < counts["full"]
     full = config_for("full")
     assert len(full.widths) == 11 and min(full.widths) == 64 and max(full.widths) == 256
+
+
+def test_matched_filter_forms_conj_u_times_y_and_energy_exactly():
+    torch.manual_seed(0)
+    layer = MatchedFilter(width=2, count=1, rx=2)
+    with torch.no_grad():  # u = x[0] + i x[1]; the projection copies conj(u) y_0 into channel 0, |u|^2 into 1
+        layer.estimate.weight.copy_(torch.eye(2)[:, :, None, None])
+        layer.estimate.bias.zero_()
+        layer.project.weight.zero_()
+        layer.project.bias.zero_()
+        layer.project.weight[0, 0] = 1.0  # Re conj(u) y_0
+        layer.project.weight[1, 4] = 1.0  # |u|^2 (after Re x2 antennas, Im x2 antennas)
+    x, y = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4, dtype=torch.complex64)
+    out = layer(x, y.real, y.imag)
+    u = torch.complex(x[:, 0], x[:, 1])
+    assert torch.allclose(out[:, 0] - x[:, 0], (u.conj() * y[:, 0]).real, atol=1e-6)
+    assert torch.allclose(out[:, 1] - x[:, 1], u.abs().square(), atol=1e-6)
+
+
+def test_configs_without_products_still_load():
+    values = config_for("small").to_dict()
+    del values["products"], values["products_after"]
+    assert DeepRxConfig.from_dict(values).products == 0
+    with pytest.raises(ValueError, match="products_after"):
+        DeepRxConfig((8,), ((1, 1),), 2, 2, 1)
 
 
 def test_loss_of_a_receiver_that_knows_nothing_is_one_bit():
