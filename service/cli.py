@@ -165,12 +165,16 @@ def _experiment(args: argparse.Namespace) -> int:
     methods = args.methods.split(",")
     seeds = list(range(args.seeds))
     config = ExperimentConfig(args.adaptation_slots, UpdateConfig(k=args.k, steps=args.steps,
-                                                                  learning_rate=args.learning_rate))
-    runs = len(seeds) * len(methods) * (len(targets) + (args.multi_target and len(targets) > 1))
-    with tqdm(total=runs, desc="experiment", unit="run", disable=args.json) as bar:
+                                                                  learning_rate=args.learning_rate, replay=args.replay))
+    rows_expected = len(seeds) * len(methods) * len(targets) * (2 if args.multi_target and len(targets) > 1 else 1)
+
+    def advance(bar, row: dict) -> None:
+        bar.set_postfix(target=row["target"][:16], method=row["method"])
+        bar.update(1)
+
+    with tqdm(total=rows_expected, desc="experiment", unit="result", disable=args.json) as bar:
         rows = run(model, pool, targets, regression, methods, seeds, config, args.multi_target,
-                   progress=lambda row: bar.set_postfix(target=row["target"][:16], method=row["method"]) or None)
-        bar.update(runs - bar.n)
+                   progress=lambda row: advance(bar, row))
     summary = summarise(rows)
     if args.plot:
         plot(summary, str(args.plot))
@@ -282,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--k", type=int, default=64, help="pool slots selected (first-order, random)")
     experiment.add_argument("--steps", type=int, default=50, help="fine-tuning steps")
     experiment.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-4)
+    experiment.add_argument("--replay", type=float, default=0.5,
+                            help="fraction of each fine-tuning minibatch drawn from the whole pool (0: none)")
     experiment.add_argument("--json", action="store_true")
     experiment.add_argument("--plot", type=Path, help="gap-closure bar chart (PNG)")
     experiment.set_defaults(run=_experiment)

@@ -1,4 +1,6 @@
 """Update rules and the gate on a tiny model: beneficial data helps the target, harmful data is rejected."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from service.adaptation.updates import UpdateConfig, adapt, fine_tune, select_be
 from service.checkpoint import load_checkpoint
 from service.features import prepare
 from service.influence.curvature import CurvatureConfig
+from service.influence.gradients import ParameterSpace
 from tests.conftest import simulate
 
 
@@ -23,7 +26,7 @@ def setting(tmp_path_factory, train_mix_file, trained_tiny_checkpoint):
 
 
 def _config(method: str) -> UpdateConfig:
-    return UpdateConfig(method=method, k=24, steps=40, batch_size=8, learning_rate=3e-3, fit_slots=32,
+    return UpdateConfig(method=method, k=24, steps=40, batch_size=8, learning_rate=1e-3, fit_slots=32,
                         curvature=CurvatureConfig(method="ekfac"))
 
 
@@ -51,17 +54,38 @@ def test_beneficial_slots_help_the_target_more_than_harmful_ones(setting):
     config = _config("first-order")
     scores, _, _, _, _ = select_beneficial(model, pool, adaptation, config)
     order = torch.argsort(scores)
-    helped = fine_tune(model, pool[order[:24]], 40, 8, 3e-3, 0)
-    hurt = fine_tune(model, pool[order[-24:]], 40, 8, 3e-3, 0)
+    helped = fine_tune(model, pool[order[:24]], config)
+    hurt = fine_tune(model, pool[order[-24:]], config)
     assert target_loss(helped, held_out) < target_loss(model, held_out) < target_loss(hurt, held_out)
 
 
 def test_gate_rejects_a_harmful_update(setting):
     model, pool, adaptation, held_out, regression = setting
     scores, _, _, _, _ = select_beneficial(model, pool, adaptation, _config("first-order"))
-    harmful = fine_tune(model, pool[torch.argsort(scores)[-24:]], 60, 8, 3e-3, 0)
+    harmful = fine_tune(model, pool[torch.argsort(scores)[-24:]], replace(_config("first-order"), steps=60))
     decision = gate(model, harmful, held_out, regression, GateConfig())
     assert not decision.accepted and "target BER" in decision.reason
     assert decision.target_ber_after >= decision.target_ber_before * 0.98
     same = gate(model, model, held_out, regression, GateConfig())
     assert not same.accepted, "no improvement is not enough"
+
+
+def test_replay_from_the_pool_limits_forgetting_of_the_training_mix(setting):
+    model, pool, adaptation, _, regression = setting
+    narrow = adaptation  # fitting only the target's own slots is the narrowest update
+    config = replace(_config("target-only"), steps=60)
+    without = fine_tune(model, narrow, replace(config, replay=0.0))
+    with_replay = fine_tune(model, narrow, replace(config, replay=0.5), rehearsal=pool)
+    assert target_loss(with_replay, regression) < target_loss(without, regression)
+    with pytest.raises(ValueError, match="replay"):
+        UpdateConfig(replay=1.0)
+
+
+def test_precomputed_pool_gradients_give_the_same_selection(setting):
+    model, pool, adaptation, _, _ = setting
+    config = _config("first-order")
+    gradients = ParameterSpace.convolutions(model.eval()).per_sample_gradients(pool)
+    fresh = adapt(model, pool, adaptation, config)
+    cached = adapt(model, pool, adaptation, config, pool_gradients=gradients)
+    assert torch.equal(fresh.selected, cached.selected)
+    assert torch.allclose(fresh.scores, cached.scores)

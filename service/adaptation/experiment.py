@@ -18,6 +18,7 @@ from schema.dataset import SlotBatch
 from service.adaptation.updates import UpdateConfig, adapt
 from service.features import prepare
 from service.influence.curvature import CurvatureConfig
+from service.influence.gradients import ParameterSpace
 from service.model import DeepRx
 from service.train import validate
 
@@ -50,9 +51,16 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
         progress=None) -> list[dict]:
     """Every method x seed on each target alone, and (``multi_target``) once on all targets together
     (the adaptation slots of every target pooled, each target's held-out slots scored apart, rows
-    named ``multi:<target>``). The adaptation/held-out split changes with the seed."""
+    named ``multi:<target>``). The adaptation/held-out split changes with the seed. ``seconds`` is
+    a method's own time; the influence-guided rows also carry ``pool_gradient_seconds``, the one-off
+    cost of the pool's per-sample gradients they share (the service keeps them in its index)."""
     pool_data, regression_data = prepare(pool), prepare(regression)
     regression_before = validate(model, regression_data)["ber"]
+    guided = any(m.split(":")[0] in ("first-order", "second-order") for m in methods)
+    # the pool's per-sample gradients depend on neither target nor seed: computed once
+    start = time.perf_counter()
+    pool_gradients = ParameterSpace.convolutions(model.eval()).per_sample_gradients(pool_data) if guided else None
+    pool_gradient_seconds = time.perf_counter() - start
     rows = []
     for seed in seeds:
         splits = {}
@@ -74,7 +82,8 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                 start = time.perf_counter()
                 update = method_config(method, config.update, seed)
                 torch.manual_seed(seed)
-                adapted = model if update is None else adapt(model, pool_data, adaptation, update).model
+                adapted = model if update is None else adapt(model, pool_data, adaptation, update,
+                                                             pool_gradients=pool_gradients).model
                 seconds = time.perf_counter() - start
                 non_target = validate(adapted, regression_data)["ber"] - regression_before
                 for target_name, (held_out, before, genie) in baselines.items():
@@ -85,6 +94,8 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                         "gap_closure": (before - after) / (before - genie) if before > genie else 0.0,
                         "non_target_ber_change": non_target, "seconds": seconds,
                     })
+                    if method.split(":")[0] in ("first-order", "second-order"):
+                        rows[-1]["pool_gradient_seconds"] = pool_gradient_seconds
                     if progress is not None:
                         progress(rows[-1])
     return rows

@@ -9,11 +9,14 @@
 
 Every rule returns a new model; the input model is never modified. Batch norm stays in eval mode
 during fine-tuning (running statistics frozen), matching the per-sample gradients influence used.
+Fine-tuning rules rehearse: a ``replay`` fraction of every minibatch is drawn uniformly from the
+whole pool, so fitting a narrow selection does not erase what the model knew (catastrophic
+forgetting), at the same number of steps and slots per step.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -38,11 +41,14 @@ class UpdateConfig:
     curvature: CurvatureConfig = field(default_factory=lambda: CurvatureConfig(method="ekfac"))
     fit_slots: int = 256
     line_search: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # eta candidates, in units of the step norm
+    replay: float = 0.5  # fraction of each fine-tuning minibatch drawn from the whole pool
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown update method '{self.method}' (one of {', '.join(METHODS)})")
+        if not 0.0 <= self.replay < 1.0:
+            raise ValueError(f"replay must be in [0, 1), got {self.replay}")
 
 
 @dataclass
@@ -60,17 +66,24 @@ def target_loss(model: DeepRx, data: SlotTensors) -> float:
         return float(per_slot_bce_bits(model(data.features, data.bits_per_symbol), data.labels, data.valid).mean())
 
 
-def fine_tune(model: DeepRx, data: SlotTensors, steps: int, batch_size: int, learning_rate: float,
-              seed: int) -> DeepRx:
-    """Adam on ``data`` for ``steps`` minibatches; a copy of ``model`` is trained, BN statistics frozen."""
+def _concatenate(first: SlotTensors, second: SlotTensors) -> SlotTensors:
+    return SlotTensors(*(torch.cat([getattr(first, f.name), getattr(second, f.name)]) for f in fields(SlotTensors)))
+
+
+def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal: SlotTensors | None = None) -> DeepRx:
+    """Adam on ``data`` for ``config.steps`` minibatches, ``config.replay`` of each drawn from
+    ``rehearsal`` when given; a copy of ``model`` is trained, BN statistics frozen."""
     tuned = copy.deepcopy(model).eval()
     for parameter in tuned.parameters():  # served models are frozen; the copy is trained
         parameter.requires_grad_(True)
-    optimiser = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        index = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=generator)
-        batch = data[index]
+    optimiser = torch.optim.Adam(tuned.parameters(), lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    size = min(config.batch_size, len(data))
+    replayed = int(round(config.replay * size)) if rehearsal is not None and len(rehearsal) else 0
+    for _ in range(config.steps):
+        batch = data[torch.randint(0, len(data), (size - replayed,), generator=generator)]
+        if replayed:
+            batch = _concatenate(batch, rehearsal[torch.randint(0, len(rehearsal), (replayed,), generator=generator)])
         loss = bce_bits(tuned(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,12 +92,14 @@ def fine_tune(model: DeepRx, data: SlotTensors, steps: int, batch_size: int, lea
 
 
 def select_beneficial(model: DeepRx, pool: SlotTensors, target: SlotTensors, config: UpdateConfig,
-                      space: ParameterSpace | None = None):
-    """Scores of the pool for the target, the top-k beneficial indices, and the curvature used."""
-    space = space or ParameterSpace.convolutions(model.eval())
+                      gradients: torch.Tensor | None = None):
+    """Scores of the pool for the target, the top-k beneficial indices, and the curvature used.
+    ``gradients``: the pool's per-sample gradients on ``model`` if already computed (they do not
+    depend on the target)."""
+    space = ParameterSpace.convolutions(model.eval())
     fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
     curvature = fit_curvature(space, fit, config.curvature)
-    gradients = space.per_sample_gradients(pool)
+    gradients = space.per_sample_gradients(pool) if gradients is None else gradients
     target_gradient = space.mean_gradient(target)
     scores = normalised(config.score, target_gradient, gradients, curvature)
     order = torch.argsort(scores)
@@ -122,18 +137,20 @@ class Selection:
 
 
 def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: UpdateConfig,
-          selection: Selection | None = None) -> UpdateResult:
+          selection: Selection | None = None, pool_gradients: torch.Tensor | None = None) -> UpdateResult:
     """Apply ``config.method`` to adapt ``model`` to the target's ``adaptation`` slots. For the
-    influence-guided rules, ``selection`` (beneficial rows found by the index) skips scoring the pool."""
+    influence-guided rules, ``selection`` (beneficial rows found by the index) skips scoring the
+    pool, and ``pool_gradients`` (per-sample, on ``model``) skips recomputing them."""
     if config.method == "target-only":
-        tuned = fine_tune(model, adaptation, config.steps, config.batch_size, config.learning_rate, config.seed)
+        tuned = fine_tune(model, adaptation, config, rehearsal=pool)
         return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation)})
     if config.method == "random":
         chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.k]
-        tuned = fine_tune(model, pool[chosen], config.steps, config.batch_size, config.learning_rate, config.seed)
+        tuned = fine_tune(model, pool[chosen], config, rehearsal=pool)
         return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen)})
     if selection is None:
-        scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config)
+        scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config,
+                                                                          pool_gradients)
         selected_scores, source = scores[selected], "pool scan"
     else:
         keep = selection.scores < 0
@@ -142,7 +159,7 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
     if len(selected) == 0:
         return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":
-        tuned = fine_tune(model, pool[selected], config.steps, config.batch_size, config.learning_rate, config.seed)
+        tuned = fine_tune(model, pool[selected], config, rehearsal=pool)
         return UpdateResult(tuned, selected, selected_scores, details)
     if selection is None:
         selected_gradients = gradients[selected]

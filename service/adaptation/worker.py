@@ -44,6 +44,7 @@ class AdaptationConfig:
     k: int = 64
     steps: int = 50
     learning_rate: float = 3e-4
+    replay: float = 0.5  # fraction of each fine-tuning minibatch rehearsed from the whole pool
     curvature: str = "ekfac"
     min_relative_improvement: float = 0.02
     max_regression: float = 0.002
@@ -113,9 +114,9 @@ class AdaptationWorker:
             raise AdaptationError("adaptation needs the sample store (capture is disabled)")
         if not context and not slot_ids:
             raise AdaptationError("target: give a context or slot_ids")
-        unknown = set(options) - {"k", "steps", "learning_rate", "curvature"}
+        unknown = set(options) - {"k", "steps", "learning_rate", "replay", "curvature"}
         if unknown:
-            raise AdaptationError(f"options: unknown keys {sorted(unknown)} (k, steps, learning_rate, curvature)")
+            raise AdaptationError(f"options: unknown keys {sorted(unknown)} (k, steps, learning_rate, replay, curvature)")
         job = Job(f"job-{next(self._ids)}", context, list(slot_ids), method, options=dict(options))
         with self._lock:
             self._jobs[job.job_id] = job
@@ -239,6 +240,7 @@ class AdaptationWorker:
         config = UpdateConfig(method=job.method, k=int(options.get("k", self.config.k)),
                               steps=int(options.get("steps", self.config.steps)),
                               learning_rate=float(options.get("learning_rate", self.config.learning_rate)),
+                              replay=float(options.get("replay", self.config.replay)),
                               curvature=CurvatureConfig(method=options.get("curvature", self.config.curvature)),
                               seed=self.config.seed)
         model = copy.deepcopy(active.model).cpu()  # the serving copy stays where it is
