@@ -51,6 +51,14 @@ def load_workload(args: argparse.Namespace) -> Workload:
                     prepare(target_slots), fit)
 
 
+def freeze_batch_norm(model: torch.nn.Module) -> None:
+    """Influence is over the convolutions only: batch-norm scales and shifts get no gradient."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_workload_arguments, load_workload, measure  # noqa: E402
+from benchmarks.common import add_workload_arguments, freeze_batch_norm, load_workload, measure  # noqa: E402
 from service.checkpoint import load_checkpoint  # noqa: E402
 from service.features import SlotTensors  # noqa: E402
 from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
@@ -57,13 +57,6 @@ class SlotDataset(Dataset):
     def __getitem__(self, i):
         d = self.data
         return d.features[i], d.bits_per_symbol[i], d.labels[i], d.valid[i]
-
-
-def _freeze_batch_norm(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            for p in module.parameters():
-                p.requires_grad_(False)
 
 
 def run_kronfluence(model, pool: SlotTensors, targets: SlotTensors, damping: float, workdir: Path) -> torch.Tensor:
@@ -171,7 +164,7 @@ def main() -> int:
 
     work = load_workload(args)
     model, space, pool, targets, fit = work.model, work.space, work.pool, work.targets, work.fit
-    _freeze_batch_norm(model)
+    freeze_batch_norm(model)
     damping = default_damping(space, fit, CurvatureConfig())
     workdir = Path(tempfile.mkdtemp(prefix="influence-libraries-"))
     if args.only:  # a child run: one library, scores and cost to files

@@ -65,3 +65,41 @@ def test_cli_compressed_ranking_agrees_with_exact(train_mix_file, high_snr_file,
 
     exact, sketched = top([]), top(["--compress", "sjlt:4096"])
     assert len(set(exact[:10]) & set(sketched[:10])) >= 7
+
+
+@pytest.mark.parametrize("products", [0, 2])
+def test_per_layer_masked_gradients_equal_the_kept_coordinates_of_dense_ones(train_mix_file, products):
+    from schema.dataset import read_slots
+    from service.features import prepare
+    from service.influence.gradients import ParameterSpace
+    from service.model import DeepRx, DeepRxConfig
+
+    torch.manual_seed(0)  # two blocks: dilated depthwise 3x3, 1x1 pointwise, a 1x1 skip, and the matched filter
+    model = DeepRx(DeepRxConfig((8, 12), ((1, 1), (2, 3)), 2, products, 0)).double().eval()
+    data = prepare(read_slots(train_mix_file, slice(0, 5))[0])
+    data.features, data.labels = data.features.double(), data.labels.double()
+    space = ParameterSpace.convolutions(model)
+    dense = space.per_sample_gradients(data, chunk=2)
+    for fraction in (0.05, 1.0):
+        kept = Compressor.parse(f"mask:{fraction}", seed=1).kept(space.size)
+        masked = space.masked_per_sample_gradients(data, kept, chunk=2)
+        torch.testing.assert_close(masked, dense[:, kept], rtol=1e-9, atol=1e-12)
+
+
+def test_raw_mask_scores_from_per_layer_gradients_equal_the_dense_path(train_mix_file, high_snr_file, tiny_checkpoint):
+    from schema.dataset import read_slots
+    from service.checkpoint import load_checkpoint
+    from service.features import prepare
+    from service.influence.curvature import CurvatureConfig, fit_curvature
+    from service.influence.engine import InfluenceConfig, compressed_scores, rank_pool
+    from service.influence.gradients import ParameterSpace
+
+    model = load_checkpoint(tiny_checkpoint).model.eval()
+    pool, targets = read_slots(train_mix_file, slice(0, 40))[0], read_slots(high_snr_file, slice(0, 4))[0]
+    config = InfluenceConfig(CurvatureConfig(method="identity"), score="raw", compression="mask:0.2")
+    fast = rank_pool(model, pool, targets, config).scores
+    space = ParameterSpace.convolutions(model)
+    pool_data = prepare(pool)
+    dense = compressed_scores("raw", Compressor.parse("mask:0.2"), space.mean_gradient(prepare(targets)),
+                              space.per_sample_gradients(pool_data), fit_curvature(space, pool_data, config.curvature))
+    torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-7)

@@ -3,8 +3,9 @@
 
 - ``mask:p``: a dropout-style random mask keeping a fraction p of the coordinates (the same mask
   for pool and target), scaled by ``1/sqrt(p)``. Output dimension ``round(p P)``; costs a gather.
-  Per-sample gradients here are computed densely, so masked coordinates are dropped after the
-  gradient, not skipped inside the layer.
+  Applied to dense gradients it drops coordinates after the fact; ``ParameterSpace.
+  masked_per_sample_gradients`` computes only the kept coordinates inside each convolution, which
+  the influence engine uses for pool gradients when the score needs no ``H^-1 g(z)`` (``raw``).
 - ``gauss:D``: a dense Gaussian projection with ``N(0, 1/D)`` entries, generated block by block from
   the seed (never stored whole): O(P D) time per gradient.
 - ``sjlt:D``: a sparse Johnson-Lindenstrauss transform (one +-1 per coordinate, hashed to one of D
@@ -52,10 +53,16 @@ class Compressor:
     def _generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
 
+    def kept(self, parameters: int) -> torch.Tensor:
+        """The mask's kept coordinates out of ``parameters``, sorted (the same for pool and target)."""
+        return torch.randperm(parameters, generator=self._generator())[: self.output_dim(parameters)].sort().values
+
+    @property
+    def mask_scale(self) -> float:
+        return 1 / self.size ** 0.5
+
     def _mask(self, vectors: torch.Tensor) -> torch.Tensor:
-        p = vectors.shape[1]
-        keep = torch.randperm(p, generator=self._generator())[: self.output_dim(p)].sort().values
-        return vectors[:, keep] / (self.size ** 0.5)
+        return vectors[:, self.kept(vectors.shape[1])] * self.mask_scale
 
     def _gauss(self, vectors: torch.Tensor) -> torch.Tensor:
         dim = int(self.size)

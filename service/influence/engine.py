@@ -69,16 +69,26 @@ def rank_pool(model: DeepRx, pool: SlotBatch, targets: SlotBatch, config: Influe
 
     pool_data = timed("featurize", lambda: prepare(pool))
     target_data = prepare(targets)
-    pool_gradients = timed("pool_gradients", lambda: space.per_sample_gradients(pool_data, config.chunk))
-    target_gradient = timed("target_gradient", lambda: space.mean_gradient(target_data))
+    compressor = Compressor.parse(config.compression, config.seed) if config.compression else None
     order = torch.randperm(len(pool_data), generator=torch.Generator().manual_seed(config.seed))
     fit_index = order[: config.fit_slots]
+    if compressor is not None and compressor.kind == "mask" and config.score == "raw":
+        # raw scores need only C g(z) of the pool: compute just the kept coordinates, layer by layer
+        kept = compressor.kept(space.size)
+        pool_sketch = timed("pool_gradients", lambda: compressor.mask_scale * space.masked_per_sample_gradients(
+            pool_data, kept, config.chunk))
+        target_gradient = timed("target_gradient", lambda: space.mean_gradient(target_data))
+        curvature = timed("fit_curvature", lambda: fit_curvature(space, pool_data[fit_index], config.curvature))
+        scores = timed("scores", lambda: -(pool_sketch @ compressor(curvature.solve(target_gradient))))
+        timings["total"] = round(sum(timings.values()), 4)
+        return InfluenceResult(scores.detach(), timings, space.size)
+    pool_gradients = timed("pool_gradients", lambda: space.per_sample_gradients(pool_data, config.chunk))
+    target_gradient = timed("target_gradient", lambda: space.mean_gradient(target_data))
     curvature = timed("fit_curvature", lambda: fit_curvature(space, pool_data[fit_index], config.curvature,
                                                              fit_gradients=pool_gradients[fit_index]))
-    if config.compression is None:
+    if compressor is None:
         scores = timed("scores", lambda: normalised(config.score, target_gradient, pool_gradients, curvature))
     else:
-        compressor = Compressor.parse(config.compression, config.seed)
         scores = timed("scores", lambda: compressed_scores(config.score, compressor, target_gradient,
                                                            pool_gradients, curvature))
     timings["total"] = round(sum(timings.values()), 4)

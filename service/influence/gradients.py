@@ -86,6 +86,59 @@ class ParameterSpace:
             rows.append(self.flatten(g, batch_dims=1))
         return torch.cat(rows)
 
+    def masked_per_sample_gradients(self, data: SlotTensors, kept: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """``g(z)[kept]`` for every sample, [N, len(kept)] (``kept``: sorted flat coordinates), without
+        forming the other coordinates: one batched backward gives each convolution's per-sample
+        output gradient ``dY`` and (unfolded) input ``X``; a kept weight coordinate (o, r) is then
+        ``sum_l dY[o, l] X[r, l]`` and a kept bias coordinate ``sum_l dY[o, l]``. Cost and memory scale
+        with the kept fraction, not with P. Convolutions only (grouped and depthwise included)."""
+        self.model.eval()
+        modules = dict(self.model.named_modules())
+        layers, offset, pieces = {}, 0, []  # per parameter: its module, and the kept coordinates inside it
+        params = dict(self.model.named_parameters())
+        for name in self.names:
+            module_name, kind = name.rsplit(".", 1)
+            if not isinstance(modules[module_name], nn.Conv2d):
+                raise ValueError(f"masked per-sample gradients support Conv2d layers only, not '{module_name}'")
+            size = params[name].numel()
+            inside = kept[(kept >= offset) & (kept < offset + size)] - offset
+            if len(inside):
+                layers.setdefault(module_name, {})[kind] = inside
+            pieces.append((module_name, kind, len(inside)))
+            offset += size
+        rows = []
+        for start in range(0, len(data), chunk):
+            part = data[start:start + chunk]
+            inputs, outputs = {}, {}
+
+            def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                inputs[module], outputs[module] = args[0].detach(), out
+
+            hooks = [modules[m].register_forward_hook(record) for m in layers]
+            try:
+                logits = self.model(part.features, part.bits_per_symbol)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            loss = per_slot_bce_bits(logits, part.labels, part.valid).sum()  # samples are independent in eval mode
+            names = list(layers)
+            output_grads = dict(zip(names, torch.autograd.grad(loss, [outputs[modules[m]] for m in names])))
+            columns = {}
+            for m in names:
+                conv, d_out = modules[m], output_grads[m].flatten(2)  # [B, O, L]
+                for kind, inside in layers[m].items():
+                    columns[(m, kind)] = (_masked_bias_gradient(d_out, inside) if kind == "bias" else
+                                          _masked_weight_gradient(conv, inputs[conv], d_out, inside))
+            width = sum(n for _, _, n in pieces)
+            block = torch.empty(len(part), width, dtype=logits.dtype)
+            column = 0
+            for module_name, kind, n in pieces:
+                if n:
+                    block[:, column:column + n] = columns[(module_name, kind)]
+                    column += n
+            rows.append(block)
+        return torch.cat(rows)
+
     def mean_gradient(self, data: SlotTensors, chunk: int = 64) -> torch.Tensor:
         """Gradient of the mean loss over ``data`` (the target gradient ``g_T``): [P]."""
         self.model.eval()
@@ -126,3 +179,21 @@ class ParameterSpace:
                 out[k:k + vector_chunk] += vmap(product)(vectors[k:k + vector_chunk])
         out /= len(data)
         return out[0] if single else out
+
+
+def _masked_bias_gradient(d_out: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return d_out[:, kept].sum(-1)
+
+
+def _masked_weight_gradient(conv: nn.Conv2d, x: torch.Tensor, d_out: torch.Tensor, kept: torch.Tensor,
+                            block: int = 2048) -> torch.Tensor:
+    """Per-sample gradients of the kept flat coordinates of ``conv.weight`` [O, I/g, kh, kw]."""
+    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    per_group_in = conv.in_channels // conv.groups
+    unfolded = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, I*kh*kw, L]
+    row_size = per_group_in * kernel
+    out_channel, row = kept // row_size, kept % row_size
+    group = out_channel // (conv.out_channels // conv.groups)
+    input_row = group * row_size + row  # the unfold row of (input channel, kernel position)
+    return torch.cat([(d_out[:, out_channel[i:i + block]] * unfolded[:, input_row[i:i + block]]).sum(-1)
+                      for i in range(0, len(kept), block)], dim=1)
