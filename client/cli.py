@@ -149,12 +149,14 @@ def _targets(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
 
     response = _call(args, "ListTargets", pb.ListTargetsRequest())
-    print(f"{'context':>20} {'target':>6} {'slots':>6} {'served BER':>11} {'genie BER':>10} {'estimated':>10}")
+    print(f"{'context':>20} {'target':>6} {'slots':>6} {'served BER':>11} {'genie BER':>10} {'estimated':>10} "
+          f"{'pilot SINR':>10}")
     for t in response.contexts:
         genie = f"{t.genie_ber:.5f}" if t.genie_ber >= 0 else "-"
         estimate = f"{t.estimated_ber:.5f}" if t.estimated_ber >= 0 else "-"
+        sinr = f"{t.pilot_sinr_db:.1f} dB" if t.pilot_sinr_db == t.pilot_sinr_db else "-"  # NaN: none served
         print(f"{t.context[:20]:>20} {'yes' if t.is_target else '':>6} {t.slots:>6} {t.ber:>11.5f} {genie:>10} "
-              f"{estimate:>10}")
+              f"{estimate:>10} {sinr:>10}")
     return 0
 
 

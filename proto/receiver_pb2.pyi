@@ -257,20 +257,22 @@ class AdaptationJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[AdaptationJob.State, str]] = ..., method: _Optional[str] = ..., context: _Optional[str] = ..., progress: _Optional[float] = ..., ber_before: _Optional[float] = ..., ber_after: _Optional[float] = ..., new_version: _Optional[str] = ..., message: _Optional[str] = ..., regression_ber_before: _Optional[float] = ..., regression_ber_after: _Optional[float] = ..., selected_summary: _Optional[str] = ..., rolled_back: _Optional[bool] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("context", "ber", "genie_ber", "slots", "is_target", "estimated_ber")
+    __slots__ = ("context", "ber", "genie_ber", "slots", "is_target", "estimated_ber", "pilot_sinr_db")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     BER_FIELD_NUMBER: _ClassVar[int]
     GENIE_BER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     IS_TARGET_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BER_FIELD_NUMBER: _ClassVar[int]
+    PILOT_SINR_DB_FIELD_NUMBER: _ClassVar[int]
     context: str
     ber: float
     genie_ber: float
     slots: int
     is_target: bool
     estimated_ber: float
-    def __init__(self, context: _Optional[str] = ..., ber: _Optional[float] = ..., genie_ber: _Optional[float] = ..., slots: _Optional[int] = ..., is_target: _Optional[bool] = ..., estimated_ber: _Optional[float] = ...) -> None: ...
+    pilot_sinr_db: float
+    def __init__(self, context: _Optional[str] = ..., ber: _Optional[float] = ..., genie_ber: _Optional[float] = ..., slots: _Optional[int] = ..., is_target: _Optional[bool] = ..., estimated_ber: _Optional[float] = ..., pilot_sinr_db: _Optional[float] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ()

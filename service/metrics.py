@@ -57,6 +57,9 @@ class ServiceMetrics:
         self.context_ber_estimate = Gauge("deeprx_context_ber_estimate",
                                           "Label-free expected BER from the served LLRs, mean sigma(-|LLR|) over "
                                           "the last window of each context", ["context"], registry=r)
+        self.context_pilot_sinr = Gauge("deeprx_context_pilot_sinr_decibels",
+                                        "Label-free DMRS residual SINR (pilot-based, no model) over the last "
+                                        "window of each context", ["context"], registry=r)
         self.store_samples = Gauge("deeprx_store_samples", "Samples held in the sample store", registry=r)
         self.store_bytes = Gauge("deeprx_store_bytes", "Size of the sample store on disk", registry=r)
         self.targets = Gauge("deeprx_targets", "Contexts currently meeting the target rule", registry=r)

@@ -1,8 +1,9 @@
 """Feedback monitor: remembers what was served and turns feedback into per-context BER windows.
 
-Contexts without labels still get an estimate: each served slot's expected BER under the model's
-own LLRs, ``mean sigma(-|LLR|)`` (label-free, as good as the model's calibration; the BCE loss
-trains for calibration). It is model-based, not a pilot-based measurement.
+Contexts without labels still get two label-free estimates per served slot: the expected BER under
+the model's own LLRs, ``mean sigma(-|LLR|)`` (as good as the model's calibration; the BCE loss
+trains for calibration), and the pilot-based DMRS residual SINR (``service/pilots.py``), which
+needs no model and shows channels that outrun the pilot spacing.
 
 The server records each served slot's hard decisions (bounded LRU); feedback for a slot id is
 compared against them, so the BER is that of the model version that actually served the slot.
@@ -58,13 +59,21 @@ class TargetRule:
         return self.relative_to_genie is not None and genie is not None and window.ber > self.relative_to_genie * genie
 
 
+@dataclass(frozen=True)
+class LabelFree:
+    """Window means of a context's label-free estimates."""
+
+    expected_ber: float
+    pilot_sinr_db: float
+
+
 class FeedbackMonitor:
     def __init__(self, served_memory: int = 100_000, window_slots: int = 200):
         self._served: OrderedDict[str, ServedSlot] = OrderedDict()
         self._served_memory = served_memory
         self._window_slots = window_slots
         self._windows: dict[str, deque[tuple[int, int, int | None]]] = {}
-        self._estimates: dict[str, deque[float]] = {}
+        self._estimates: dict[str, deque[tuple[float, float]]] = {}
         self._lock = threading.Lock()
 
     def served(self, slot_id: str, slot: ServedSlot) -> None:
@@ -95,17 +104,21 @@ class FeedbackMonitor:
         with self._lock:
             return self._totals(self._windows.get(context, ()))
 
-    def record_estimate(self, context: str, expected_ber: float) -> float:
-        """Add a served slot's label-free BER estimate; returns the context's window mean."""
+    def record_estimate(self, context: str, expected_ber: float, pilot_sinr_db: float) -> LabelFree:
+        """Add a served slot's label-free estimates; returns the context's window means."""
         with self._lock:
             window = self._estimates.setdefault(context, deque(maxlen=self._window_slots))
-            window.append(expected_ber)
-            return sum(window) / len(window)
+            window.append((expected_ber, pilot_sinr_db))
+            return self._means(window)
 
-    def estimate(self, context: str) -> float | None:
+    @staticmethod
+    def _means(window) -> LabelFree:
+        return LabelFree(sum(b for b, _ in window) / len(window), sum(s for _, s in window) / len(window))
+
+    def estimate(self, context: str) -> LabelFree | None:
         with self._lock:
             window = self._estimates.get(context)
-            return sum(window) / len(window) if window else None
+            return self._means(window) if window else None
 
     def contexts(self) -> list[str]:
         with self._lock:

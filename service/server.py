@@ -30,6 +30,7 @@ from service.influence.index import GradientIndex
 from service.metrics import ServiceMetrics
 from service.adaptation.worker import AdaptationError, AdaptationWorker
 from service.monitor import FeedbackMonitor, ServedSlot, TargetRule
+from service.pilots import pilot_sinr_db
 from service.registry import ModelRegistry, ModelVersion, UnknownVersion
 from service.replication import VersionAnnouncer, VersionFollower
 from service.slot import ReceivedSlot
@@ -152,7 +153,9 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
         self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard))
         expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
         label = self.metrics.context_label(slot.context)
-        self.metrics.context_ber_estimate.labels(label).set(self.monitor.record_estimate(label, expected_ber))
+        estimate = self.monitor.record_estimate(label, expected_ber, pilot_sinr_db(slot.grid, slot.pilots))
+        self.metrics.context_ber_estimate.labels(label).set(estimate.expected_ber)
+        self.metrics.context_pilot_sinr.labels(label).set(estimate.pilot_sinr_db)
         if self.store is not None:
             self.store.capture(slot, version.version)
         return pb.SlotResult(slot_id=slot.slot_id, llrs=codec.encode(llrs),
@@ -328,7 +331,8 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
             estimate = self.monitor.estimate(name)
             rows.append(pb.Target(context=name, ber=window.ber, genie_ber=-1.0 if genie is None else genie,
                                   slots=window.slots, is_target=name in targets,
-                                  estimated_ber=-1.0 if estimate is None else estimate))
+                                  estimated_ber=-1.0 if estimate is None else estimate.expected_ber,
+                                  pilot_sinr_db=estimate.pilot_sinr_db if estimate else float("nan")))
         rows.sort(key=lambda t: (not t.is_target, -t.ber))
         self.metrics.requests.labels("ListTargets", "ok").inc()
         return pb.ListTargetsResponse(contexts=rows)

@@ -135,7 +135,10 @@ def test_label_free_estimate_tracks_served_confidence(server, channel, train_mix
     stream_slots(channel, slots.select(slice(0, 16)), context="unlabelled", prefix="u")
     rows = {t.context: t for t in pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest()).contexts}
     assert rows["unlabelled"].slots == 0 and 0 < rows["unlabelled"].estimated_ber <= 0.5
-    assert re.search(r'^deeprx_context_ber_estimate\{context="unlabelled"\}', scrape(server.metrics_port), re.M)
+    assert -10 < rows["unlabelled"].pilot_sinr_db < 40  # the training mix spans 0..25 dB SNR
+    metrics = scrape(server.metrics_port)
+    assert re.search(r'^deeprx_context_ber_estimate\{context="unlabelled"\}', metrics, re.M)
+    assert re.search(r'^deeprx_context_pilot_sinr_decibels\{context="unlabelled"\}', metrics, re.M)
 
 
 def test_crc_feedback_labels_only_blocks_that_decode(server, train_mix_file, capsys):
