@@ -17,7 +17,7 @@ import torch
 from schema.dataset import SlotBatch
 from service.adaptation.updates import UpdateConfig, adapt
 from service.features import prepare
-from service.influence.curvature import CurvatureConfig
+from service.influence.curvature import default_damping
 from service.influence.gradients import ParameterSpace
 from service.model import DeepRx
 from service.train import validate
@@ -36,7 +36,7 @@ def method_config(name: str, base: UpdateConfig, seed: int) -> UpdateConfig | No
     parts = name.split(":")
     config = replace(base, method=parts[0], seed=seed)
     if len(parts) > 1:
-        config = replace(config, curvature=CurvatureConfig(method=parts[1]))
+        config = replace(config, curvature=replace(base.curvature, method=parts[1]))
     if len(parts) > 2:
         config = replace(config, score=parts[2])
     return config
@@ -53,13 +53,19 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
     (the adaptation slots of every target pooled, each target's held-out slots scored apart, rows
     named ``multi:<target>``). The adaptation/held-out split changes with the seed. ``seconds`` is
     a method's own time; the influence-guided rows also carry ``pool_gradient_seconds``, the one-off
-    cost of the pool's per-sample gradients they share (the service keeps them in its index)."""
+    cost they share: the pool's per-sample gradients (the service keeps them in its index) and the
+    damping (0.1 x mean GGN eigenvalue, estimated once on the model, not per run)."""
     pool_data, regression_data = prepare(pool), prepare(regression)
     regression_before = validate(model, regression_data)["ber"]
     guided = any(m.split(":")[0] in ("first-order", "second-order") for m in methods)
     # the pool's per-sample gradients depend on neither target nor seed: computed once
     start = time.perf_counter()
-    pool_gradients = ParameterSpace.convolutions(model.eval()).per_sample_gradients(pool_data) if guided else None
+    space = ParameterSpace.convolutions(model.eval())
+    pool_gradients = space.per_sample_gradients(pool_data) if guided else None
+    if guided and config.update.curvature.damping is None:  # one damping for every run, as in the benchmarks
+        fit = pool_data[torch.randperm(len(pool_data), generator=torch.Generator().manual_seed(0))[: config.update.fit_slots]]
+        curvature = replace(config.update.curvature, damping=default_damping(space, fit, config.update.curvature))
+        config = replace(config, update=replace(config.update, curvature=curvature))
     pool_gradient_seconds = time.perf_counter() - start
     rows = []
     for seed in seeds:
