@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import fields
@@ -157,6 +158,7 @@ def _experiment(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.model).model
     pool, _ = read_slots(args.pool)
     regression, _ = read_slots(args.regression or args.pool, slice(0, args.regression_slots))
+    rehearsal = read_slots(args.rehearsal, slice(0, args.rehearsal_slots))[0] if args.rehearsal else None
     workdir = Path(tempfile.mkdtemp(prefix="deeprx-experiment-"))
     targets = {}
     for i, spec in enumerate(args.targets):
@@ -164,17 +166,25 @@ def _experiment(args: argparse.Namespace) -> int:
         targets[name] = read_slots(path)[0]
     methods = args.methods.split(",")
     seeds = list(range(args.seeds))
-    config = ExperimentConfig(args.adaptation_slots, UpdateConfig(k=args.k, steps=args.steps,
-                                                                  learning_rate=args.learning_rate, replay=args.replay))
+    config = ExperimentConfig(args.adaptation_slots, args.held_out_slots,
+                              UpdateConfig(k=args.k, steps=args.steps, learning_rate=args.learning_rate,
+                                           replay=args.replay, fit_slots=args.fit_slots))
     rows_expected = len(seeds) * len(methods) * len(targets) * (2 if args.multi_target and len(targets) > 1 else 1)
 
     def advance(bar, row: dict) -> None:
         bar.set_postfix(target=row["target"][:16], method=row["method"])
         bar.update(1)
 
-    with tqdm(total=rows_expected, desc="experiment", unit="result", disable=args.json) as bar:
-        rows = run(model, pool, targets, regression, methods, seeds, config, args.multi_target,
-                   progress=lambda row: advance(bar, row))
+    with tqdm(total=rows_expected, desc="experiment", unit="result", disable=args.json) as bar, \
+            (open(args.rows, "a") if args.rows else contextlib.nullcontext()) as rows_file:
+        def record(row: dict) -> None:
+            advance(bar, row)
+            if rows_file is not None:  # each result lands on disk as it is made
+                rows_file.write(json.dumps(row) + "\n")
+                rows_file.flush()
+
+        rows = run(model, pool, targets, regression, methods, seeds, config, args.multi_target, progress=record,
+                   rehearsal=rehearsal)
     summary = summarise(rows)
     if args.plot:
         plot(summary, str(args.plot))
@@ -281,13 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
                             help="slots simulated per target spec")
     experiment.add_argument("--adaptation-slots", dest="adaptation_slots", type=int, default=64,
                             help="labelled target slots a method may use; the rest are held out")
+    experiment.add_argument("--held-out-slots", dest="held_out_slots", type=int,
+                            help="score at most this many held-out target slots (default: all the rest)")
+    experiment.add_argument("--fit-slots", dest="fit_slots", type=int, default=256,
+                            help="pool slots the curvature H is fitted on")
+    experiment.add_argument("--rows", type=Path, help="append each result as a JSON line to this file as it is made")
     experiment.add_argument("--multi-target", dest="multi_target", action="store_true",
                             help="also adapt to all targets at once")
     experiment.add_argument("--k", type=int, default=64, help="pool slots selected (first-order, random)")
     experiment.add_argument("--steps", type=int, default=50, help="fine-tuning steps")
     experiment.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-4)
     experiment.add_argument("--replay", type=float, default=0.5,
-                            help="fraction of each fine-tuning minibatch drawn from the whole pool (0: none)")
+                            help="fraction of each fine-tuning minibatch drawn from the rehearsal set (0: none)")
+    experiment.add_argument("--rehearsal", type=Path,
+                            help="HDF5 slots the fine-tuning replays, e.g. the training mix (default: the pool); "
+                                 "keep them apart from --regression")
+    experiment.add_argument("--rehearsal-slots", dest="rehearsal_slots", type=int, default=2000)
     experiment.add_argument("--json", action="store_true")
     experiment.add_argument("--plot", type=Path, help="gap-closure bar chart (PNG)")
     experiment.set_defaults(run=_experiment)

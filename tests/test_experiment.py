@@ -6,12 +6,13 @@ from service.cli import main as service_main
 
 def test_experiment_cli_reports_every_method_seed_and_target(trained_tiny_checkpoint, train_mix_file, high_snr_file, capsys,
                                                              tmp_path):
-    plot = tmp_path / "gap.png"
+    plot, rows = tmp_path / "gap.png", tmp_path / "rows.jsonl"
     code = service_main(["experiment", "--model", str(trained_tiny_checkpoint), "--pool", str(train_mix_file),
                          "--targets", str(high_snr_file), "channel=TDL-D,speed=100:150,dmrs=0,snr=15:25",
                          "--target-slots", "40", "--adaptation-slots", "16", "--seeds", "2",
                          "--methods", "none,random,first-order:identity:raw,target-only", "--k", "16", "--steps", "10",
-                         "--learning-rate", "3e-3", "--multi-target", "--json", "--plot", str(plot)])
+                         "--learning-rate", "3e-3", "--multi-target", "--held-out-slots", "12", "--fit-slots", "32",
+                         "--rows", str(rows), "--rehearsal", str(train_mix_file), "--json", "--plot", str(plot)])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     keys = {"target", "method", "seed", "ber_before", "ber_after", "ber_genie", "gap_closure",
@@ -24,5 +25,6 @@ def test_experiment_cli_reports_every_method_seed_and_target(trained_tiny_checkp
                for r in none)
     assert {r["target"] for r in out["results"]} >= {"high-snr", "multi:high-snr"}
     assert plot.stat().st_size > 1000
+    assert [json.loads(line) for line in rows.read_text().splitlines()] == out["results"]  # written as made
     summary = {(s["target"], s["method"]) for s in out["summary"]}
     assert ("high-snr", "target-only") in summary

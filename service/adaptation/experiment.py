@@ -26,6 +26,7 @@ from service.train import validate
 @dataclass
 class ExperimentConfig:
     adaptation_slots: int = 64  # labelled target slots the methods may use (per target)
+    held_out_slots: int | None = None  # target slots scored after adaptation (None: all the rest)
     update: UpdateConfig = field(default_factory=UpdateConfig)  # k, steps, learning rate shared by all methods
 
 
@@ -48,7 +49,7 @@ def _genie_ber(slots: SlotBatch) -> float:
 
 def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regression: SlotBatch,
         methods: list[str], seeds: list[int], config: ExperimentConfig, multi_target: bool = False,
-        progress=None) -> list[dict]:
+        progress=None, rehearsal: SlotBatch | None = None) -> list[dict]:
     """Every method x seed on each target alone, and (``multi_target``) once on all targets together
     (the adaptation slots of every target pooled, each target's held-out slots scored apart, rows
     named ``multi:<target>``). The adaptation/held-out split changes with the seed. ``seconds`` is
@@ -56,6 +57,7 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
     cost they share: the pool's per-sample gradients (the service keeps them in its index) and the
     damping (0.1 x mean GGN eigenvalue, estimated once on the model, not per run)."""
     pool_data, regression_data = prepare(pool), prepare(regression)
+    rehearsal_data = prepare(rehearsal) if rehearsal is not None else None  # fine-tuning replays it (default: pool)
     regression_before = validate(model, regression_data)["ber"]
     guided = any(m.split(":")[0] in ("first-order", "second-order") for m in methods)
     # the pool's per-sample gradients depend on neither target nor seed: computed once
@@ -72,7 +74,9 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
         splits = {}
         for name, target in targets.items():
             order = np.random.default_rng(seed).permutation(len(target))
-            splits[name] = (target.select(order[: config.adaptation_slots]), target.select(order[config.adaptation_slots:]))
+            held_out_end = None if config.held_out_slots is None else config.adaptation_slots + config.held_out_slots
+            splits[name] = (target.select(order[: config.adaptation_slots]),
+                            target.select(order[config.adaptation_slots:held_out_end]))
         runs = [(name, {name: splits[name][1]}, splits[name][0]) for name in targets]
         if multi_target and len(targets) > 1:
             runs.append(("multi", {n: s[1] for n, s in splits.items()},
@@ -89,7 +93,8 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                 update = method_config(method, config.update, seed)
                 torch.manual_seed(seed)
                 adapted = model if update is None else adapt(model, pool_data, adaptation, update,
-                                                             pool_gradients=pool_gradients).model
+                                                             pool_gradients=pool_gradients,
+                                                             rehearsal=rehearsal_data).model
                 seconds = time.perf_counter() - start
                 non_target = validate(adapted, regression_data)["ber"] - regression_before
                 for target_name, (held_out, before, genie) in baselines.items():

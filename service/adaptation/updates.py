@@ -9,9 +9,10 @@
 
 Every rule returns a new model; the input model is never modified. Batch norm stays in eval mode
 during fine-tuning (running statistics frozen), matching the per-sample gradients influence used.
-Fine-tuning rules rehearse: a ``replay`` fraction of every minibatch is drawn uniformly from the
-whole pool, so fitting a narrow selection does not erase what the model knew (catastrophic
-forgetting), at the same number of steps and slots per step.
+Fine-tuning rules rehearse: a ``replay`` fraction of every minibatch is drawn uniformly from a
+rehearsal set (slots of the training mix when the operator has them, else the whole pool), so
+fitting a narrow selection erases less of what the model knew (catastrophic forgetting), at the
+same number of steps and slots per step.
 """
 from __future__ import annotations
 
@@ -137,16 +138,19 @@ class Selection:
 
 
 def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: UpdateConfig,
-          selection: Selection | None = None, pool_gradients: torch.Tensor | None = None) -> UpdateResult:
+          selection: Selection | None = None, pool_gradients: torch.Tensor | None = None,
+          rehearsal: SlotTensors | None = None) -> UpdateResult:
     """Apply ``config.method`` to adapt ``model`` to the target's ``adaptation`` slots. For the
     influence-guided rules, ``selection`` (beneficial rows found by the index) skips scoring the
-    pool, and ``pool_gradients`` (per-sample, on ``model``) skips recomputing them."""
+    pool, and ``pool_gradients`` (per-sample, on ``model``) skips recomputing them. Fine-tuning
+    rehearses ``rehearsal`` (e.g. slots of the original training mix), by default the pool."""
+    rehearsal = pool if rehearsal is None else rehearsal
     if config.method == "target-only":
-        tuned = fine_tune(model, adaptation, config, rehearsal=pool)
+        tuned = fine_tune(model, adaptation, config, rehearsal=rehearsal)
         return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation)})
     if config.method == "random":
         chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.k]
-        tuned = fine_tune(model, pool[chosen], config, rehearsal=pool)
+        tuned = fine_tune(model, pool[chosen], config, rehearsal=rehearsal)
         return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen)})
     if selection is None:
         scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config,
@@ -159,7 +163,7 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
     if len(selected) == 0:
         return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":
-        tuned = fine_tune(model, pool[selected], config, rehearsal=pool)
+        tuned = fine_tune(model, pool[selected], config, rehearsal=rehearsal)
         return UpdateResult(tuned, selected, selected_scores, details)
     if selection is None:
         selected_gradients = gradients[selected]

@@ -25,7 +25,8 @@ def slot_features(model: DeepRx, data: SlotTensors, chunk: int = 128) -> torch.T
     model.eval()
     rows = []
     captured: dict[str, torch.Tensor] = {}
-    handle = model.blocks.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
+    # the last feature map, as it enters the output head
+    handle = model.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
     try:
         for start in range(0, len(data), chunk):
             part = data[start:start + chunk]
