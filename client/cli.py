@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--method", default="first-order",
                        help="first-order, second-order, random or target-only")
     adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="job option: k, steps, learning_rate, curvature (repeatable)")
+                       help="job option: k, steps, learning_rate, replay, curvature (repeatable)")
     adapt.add_argument("--wait", action="store_true", help="show progress until the job ends")
     adapt.set_defaults(run=_adapt)
 

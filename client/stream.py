@@ -122,14 +122,19 @@ def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams:
 def send_genie_feedback(channel: grpc.Channel, slots: SlotBatch, prefix: str = "slot",
                         chunk: int = 64) -> pb.ReportFeedbackResponse:
     """Report every slot's true coded bits (and the baselines' errors) to the service."""
+    items = [pb.Feedback(slot_id=f"{prefix}-{row}", genie_bits=codec.encode(data_bits(slots, row)),
+                         reference_genie_errors=int(slots.genie_errors[row]),
+                         reference_ls_lmmse_errors=int(slots.ls_lmmse_errors[row]))
+             for row in range(len(slots))]
+    return _report_feedback(channel, items, chunk)
+
+
+def _report_feedback(channel: grpc.Channel, items: list[pb.Feedback], chunk: int) -> pb.ReportFeedbackResponse:
+    """Send feedback ``chunk`` items per request; one response summing them all."""
     stub = pb_grpc.ReceiverStub(channel)
     total = pb.ReportFeedbackResponse()
-    for start in range(0, len(slots), chunk):
-        items = [pb.Feedback(slot_id=f"{prefix}-{row}", genie_bits=codec.encode(data_bits(slots, row)),
-                             reference_genie_errors=int(slots.genie_errors[row]),
-                             reference_ls_lmmse_errors=int(slots.ls_lmmse_errors[row]))
-                 for row in range(start, min(start + chunk, len(slots)))]
-        response = stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=items))
+    for start in range(0, len(items), chunk):
+        response = stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=items[start:start + chunk]))
         total.accepted += response.accepted
         total.unknown_slots += response.unknown_slots
         total.errors.extend(response.errors)
@@ -158,11 +163,4 @@ def send_crc_feedback(channel: grpc.Channel, slots: SlotBatch, results: dict[str
                                             coded_bits=codec.encode(coded[i]) if crc_ok[i] else None)
             items.append(pb.Feedback(slot_id=f"{prefix}-{row}", transport_block=block))
         passed += int(crc_ok.sum())
-    stub = pb_grpc.ReceiverStub(channel)
-    total = pb.ReportFeedbackResponse()
-    for start in range(0, len(items), chunk):
-        response = stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=items[start:start + chunk]))
-        total.accepted += response.accepted
-        total.unknown_slots += response.unknown_slots
-        total.errors.extend(response.errors)
-    return total, passed
+    return _report_feedback(channel, items, chunk), passed

@@ -171,14 +171,11 @@ def _experiment(args: argparse.Namespace) -> int:
                                            replay=args.replay, fit_slots=args.fit_slots))
     rows_expected = len(seeds) * len(methods) * len(targets) * (2 if args.multi_target and len(targets) > 1 else 1)
 
-    def advance(bar, row: dict) -> None:
-        bar.set_postfix(target=row["target"][:16], method=row["method"])
-        bar.update(1)
-
     with tqdm(total=rows_expected, desc="experiment", unit="result", disable=args.json) as bar, \
             (open(args.rows, "a") if args.rows else contextlib.nullcontext()) as rows_file:
         def record(row: dict) -> None:
-            advance(bar, row)
+            bar.set_postfix(target=row["target"][:16], method=row["method"])
+            bar.update(1)
             if rows_file is not None:  # each result lands on disk as it is made
                 rows_file.write(json.dumps(row) + "\n")
                 rows_file.flush()

@@ -120,12 +120,12 @@ class FeedbackMonitor:
             window = self._estimates.get(context)
             return self._means(window) if window else None
 
-    def contexts(self) -> list[str]:
+    def windows(self) -> dict[str, BerWindow]:
+        """Every context's feedback window (empty for contexts only served, never labelled)."""
         with self._lock:
-            return list(dict.fromkeys([*self._windows, *self._estimates]))
+            return {context: self._totals(self._windows.get(context, ()))
+                    for context in dict.fromkeys([*self._windows, *self._estimates])}
 
     def targets(self, rule: TargetRule) -> dict[str, BerWindow]:
         """Contexts that currently meet ``rule``, with their windows."""
-        with self._lock:
-            windows = {context: self._totals(w) for context, w in self._windows.items()}
-        return {context: w for context, w in windows.items() if rule.is_target(w)}
+        return {context: w for context, w in self.windows().items() if rule.is_target(w)}

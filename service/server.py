@@ -322,18 +322,16 @@ class ReceiverServicer(pb_grpc.ReceiverServicer):
 
     # ---------------------------------------------------------------- targets and adaptation
     def ListTargets(self, request, context) -> pb.ListTargetsResponse:
-        targets = self.monitor.targets(self.target_rule)
-        self.metrics.targets.set(len(targets))
         rows = []
-        for name in self.monitor.contexts():
-            window = self.monitor.window(name)
+        for name, window in self.monitor.windows().items():
             genie = window.genie_ber
             estimate = self.monitor.estimate(name)
             rows.append(pb.Target(context=name, ber=window.ber, genie_ber=-1.0 if genie is None else genie,
-                                  slots=window.slots, is_target=name in targets,
+                                  slots=window.slots, is_target=self.target_rule.is_target(window),
                                   estimated_ber=-1.0 if estimate is None else estimate.expected_ber,
                                   pilot_sinr_db=estimate.pilot_sinr_db if estimate else float("nan")))
         rows.sort(key=lambda t: (not t.is_target, -t.ber))
+        self.metrics.targets.set(sum(t.is_target for t in rows))
         self.metrics.requests.labels("ListTargets", "ok").inc()
         return pb.ListTargetsResponse(contexts=rows)
 

@@ -37,6 +37,12 @@ def _server(tmp_path, files, **adaptation):
     return ReceiverServer(config, tmp_path / "store", files["model"]).start()
 
 
+def _serve_labelled(channel, slots, context: str, prefix: str, streams: int = 1) -> None:
+    """Stream ``slots`` under ``context`` and report their genie labels."""
+    stream_slots(channel, slots, context, streams=streams, prefix=prefix)
+    send_genie_feedback(channel, slots, prefix=prefix)
+
+
 def _wait(stub, job_id: str) -> pb.AdaptationJob:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -53,8 +59,7 @@ def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regress
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            stream_slots(channel, drift.select(slice(0, 48)), "drift", streams=2, prefix="d")
-            send_genie_feedback(channel, drift.select(slice(0, 48)), prefix="d")
+            _serve_labelled(channel, drift.select(slice(0, 48)), "drift", "d", streams=2)
             server.store.flush()
             targets = stub.ListTargets(pb.ListTargetsRequest()).contexts
             assert targets[0].context == "drift" and targets[0].is_target and targets[0].genie_ber >= 0
@@ -97,8 +102,7 @@ def test_harmful_update_is_rejected_and_never_served(tmp_path, files):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            stream_slots(channel, drift.select(slice(0, 48)), "drift", prefix="d")
-            send_genie_feedback(channel, drift.select(slice(0, 48)), prefix="d")
+            _serve_labelled(channel, drift.select(slice(0, 48)), "drift", "d")
             server.store.flush()
             job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only",
                                                               options={"learning_rate": "3.0", "steps": "30"}))
@@ -120,8 +124,7 @@ def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
     try:
         address = f"127.0.0.1:{server.port}"
         with grpc.insecure_channel(address) as channel:
-            stream_slots(channel, drift.select(slice(0, 32)), "cell-9", prefix="c")
-            send_genie_feedback(channel, drift.select(slice(0, 32)), prefix="c")
+            _serve_labelled(channel, drift.select(slice(0, 32)), "cell-9", "c")
         server.store.flush()
         assert client_main(["targets", "--server", address]) == 0
         assert re.search(r"cell-9\s+yes\s+32", capsys.readouterr().out)
@@ -139,8 +142,7 @@ def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_s
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            stream_slots(channel, drift.select(slice(0, 32)), "drift", prefix="d")
-            send_genie_feedback(channel, drift.select(slice(0, 32)), prefix="d")
+            _serve_labelled(channel, drift.select(slice(0, 32)), "drift", "d")
             first = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
             assert first.state == pb.AdaptationJob.ACCEPTED and "channels" in first.selected_summary
             assert server.registry.info(first.new_version)["details"]["selection"] == "gradient index"
@@ -162,8 +164,7 @@ def test_auto_mode_starts_one_job_per_target_within_the_cooldown(tmp_path, files
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
             for round_ in range(2):
-                stream_slots(channel, drift.select(slice(0, 24)), "auto-cell", prefix=f"r{round_}")
-                send_genie_feedback(channel, drift.select(slice(0, 24)), prefix=f"r{round_}")
+                _serve_labelled(channel, drift.select(slice(0, 24)), "auto-cell", f"r{round_}")
             jobs = stub.ListAdaptations(pb.ListAdaptationsRequest()).jobs
             assert [j.context for j in jobs] == ["auto-cell"], "one job despite more feedback"
             assert _wait(stub, jobs[0].job_id).state != pb.AdaptationJob.QUEUED

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from schema.dataset import SlotBatch
-from service.adaptation.updates import UpdateConfig, adapt
+from service.adaptation.updates import GUIDED, UpdateConfig, adapt
 from service.features import prepare
 from service.influence.curvature import default_damping
 from service.influence.gradients import ParameterSpace
@@ -59,7 +59,7 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
     pool_data, regression_data = prepare(pool), prepare(regression)
     rehearsal_data = prepare(rehearsal) if rehearsal is not None else None  # fine-tuning replays it (default: pool)
     regression_before = validate(model, regression_data)["ber"]
-    guided = any(m.split(":")[0] in ("first-order", "second-order") for m in methods)
+    guided = any(m.split(":")[0] in GUIDED for m in methods)
     # the pool's per-sample gradients depend on neither target nor seed: computed once
     start = time.perf_counter()
     space = ParameterSpace.convolutions(model.eval())
@@ -69,12 +69,12 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
         curvature = replace(config.update.curvature, damping=default_damping(space, fit, config.update.curvature))
         config = replace(config, update=replace(config.update, curvature=curvature))
     pool_gradient_seconds = time.perf_counter() - start
+    held_out_end = None if config.held_out_slots is None else config.adaptation_slots + config.held_out_slots
     rows = []
     for seed in seeds:
         splits = {}
         for name, target in targets.items():
             order = np.random.default_rng(seed).permutation(len(target))
-            held_out_end = None if config.held_out_slots is None else config.adaptation_slots + config.held_out_slots
             splits[name] = (target.select(order[: config.adaptation_slots]),
                             target.select(order[config.adaptation_slots:held_out_end]))
         runs = [(name, {name: splits[name][1]}, splits[name][0]) for name in targets]
@@ -105,7 +105,7 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                         "gap_closure": (before - after) / (before - genie) if before > genie else 0.0,
                         "non_target_ber_change": non_target, "seconds": seconds,
                     })
-                    if method.split(":")[0] in ("first-order", "second-order"):
+                    if method.split(":")[0] in GUIDED:
                         rows[-1]["pool_gradient_seconds"] = pool_gradient_seconds
                     if progress is not None:
                         progress(rows[-1])

@@ -29,6 +29,7 @@ from service.loss import bce_bits, per_slot_bce_bits
 from service.model import DeepRx
 
 METHODS = ("first-order", "second-order", "random", "target-only")
+GUIDED = ("first-order", "second-order")  # the rules that rank the pool by influence
 
 
 @dataclass
@@ -92,14 +93,19 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
     return tuned.eval()
 
 
+def _fit_on_pool(space: ParameterSpace, pool: SlotTensors, config: UpdateConfig):
+    """H fitted on ``config.fit_slots`` pool slots drawn with ``config.seed``."""
+    fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
+    return fit_curvature(space, fit, config.curvature)
+
+
 def select_beneficial(model: DeepRx, pool: SlotTensors, target: SlotTensors, config: UpdateConfig,
                       gradients: torch.Tensor | None = None):
     """Scores of the pool for the target, the top-k beneficial indices, and the curvature used.
     ``gradients``: the pool's per-sample gradients on ``model`` if already computed (they do not
     depend on the target)."""
     space = ParameterSpace.convolutions(model.eval())
-    fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
-    curvature = fit_curvature(space, fit, config.curvature)
+    curvature = _fit_on_pool(space, pool, config)
     gradients = space.per_sample_gradients(pool) if gradients is None else gradients
     target_gradient = space.mean_gradient(target)
     scores = normalised(config.score, target_gradient, gradients, curvature)
@@ -169,8 +175,7 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         selected_gradients = gradients[selected]
     else:  # the second-order step needs H and the selected rows' gradients
         space = ParameterSpace.convolutions(model.eval())
-        fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
-        curvature = fit_curvature(space, fit, config.curvature)
+        curvature = _fit_on_pool(space, pool, config)
         selected_gradients = space.per_sample_gradients(pool[selected])
     raw = influence(space.mean_gradient(adaptation), selected_gradients, curvature)
     weights = (-raw).clamp_min(0) / (-raw).clamp_min(0).sum().clamp_min(1e-30)

@@ -22,7 +22,7 @@ import torch
 
 from schema.dataset import SlotBatch, read_slots
 from service.adaptation.gate import GateConfig, gate
-from service.adaptation.updates import METHODS, Selection, UpdateConfig, adapt
+from service.adaptation.updates import GUIDED, METHODS, Selection, UpdateConfig, adapt
 from service.features import prepare
 from service.influence.curvature import CurvatureConfig
 from service.influence.index import GradientIndex, IndexConfig
@@ -246,7 +246,7 @@ class AdaptationWorker:
         model = copy.deepcopy(active.model).cpu()  # the serving copy stays where it is
         pool = prepare(pool_slots)
         selection = None
-        if self.config.pool and job.method in ("first-order", "second-order") and config.score in ("raw", "l-relative"):
+        if self.config.pool and job.method in GUIDED and config.score in ("raw", "l-relative"):
             selection = self._select_from_index(model, active.version, pool_slots, adaptation_slots, config)
         job.progress = 0.4
         result = adapt(model, pool, adaptation, config, selection)

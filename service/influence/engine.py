@@ -80,16 +80,13 @@ def rank_pool(model: DeepRx, pool: SlotBatch, targets: SlotBatch, config: Influe
         target_gradient = timed("target_gradient", lambda: space.mean_gradient(target_data))
         curvature = timed("fit_curvature", lambda: fit_curvature(space, pool_data[fit_index], config.curvature))
         scores = timed("scores", lambda: -(pool_sketch @ compressor(curvature.solve(target_gradient))))
-        timings["total"] = round(sum(timings.values()), 4)
-        return InfluenceResult(scores.detach(), timings, space.size)
-    pool_gradients = timed("pool_gradients", lambda: space.per_sample_gradients(pool_data, config.chunk))
-    target_gradient = timed("target_gradient", lambda: space.mean_gradient(target_data))
-    curvature = timed("fit_curvature", lambda: fit_curvature(space, pool_data[fit_index], config.curvature,
-                                                             fit_gradients=pool_gradients[fit_index]))
-    if compressor is None:
-        scores = timed("scores", lambda: normalised(config.score, target_gradient, pool_gradients, curvature))
     else:
-        scores = timed("scores", lambda: compressed_scores(config.score, compressor, target_gradient,
-                                                           pool_gradients, curvature))
+        pool_gradients = timed("pool_gradients", lambda: space.per_sample_gradients(pool_data, config.chunk))
+        target_gradient = timed("target_gradient", lambda: space.mean_gradient(target_data))
+        curvature = timed("fit_curvature", lambda: fit_curvature(space, pool_data[fit_index], config.curvature,
+                                                                 fit_gradients=pool_gradients[fit_index]))
+        scores = timed("scores", lambda: normalised(config.score, target_gradient, pool_gradients, curvature)
+                       if compressor is None else
+                       compressed_scores(config.score, compressor, target_gradient, pool_gradients, curvature))
     timings["total"] = round(sum(timings.values()), 4)
     return InfluenceResult(scores.detach(), timings, space.size)

@@ -93,9 +93,8 @@ class ParameterSpace:
         ``sum_l dY[o, l] X[r, l]`` and a kept bias coordinate ``sum_l dY[o, l]``. Cost and memory scale
         with the kept fraction, not with P. Convolutions only (grouped and depthwise included)."""
         self.model.eval()
-        modules = dict(self.model.named_modules())
-        layers, offset, pieces = {}, 0, []  # per parameter: its module, and the kept coordinates inside it
-        params = dict(self.model.named_parameters())
+        modules, params = dict(self.model.named_modules()), dict(self.model.named_parameters())
+        pieces, offset = [], 0  # (conv, "weight" | "bias", kept coordinates inside it), in flat order
         for name in self.names:
             module_name, kind = name.rsplit(".", 1)
             if not isinstance(modules[module_name], nn.Conv2d):
@@ -103,9 +102,9 @@ class ParameterSpace:
             size = params[name].numel()
             inside = kept[(kept >= offset) & (kept < offset + size)] - offset
             if len(inside):
-                layers.setdefault(module_name, {})[kind] = inside
-            pieces.append((module_name, kind, len(inside)))
+                pieces.append((modules[module_name], kind, inside))
             offset += size
+        convs = list(dict.fromkeys(conv for conv, _, _ in pieces))
         rows = []
         for start in range(0, len(data), chunk):
             part = data[start:start + chunk]
@@ -114,29 +113,18 @@ class ParameterSpace:
             def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
                 inputs[module], outputs[module] = args[0].detach(), out
 
-            hooks = [modules[m].register_forward_hook(record) for m in layers]
+            hooks = [conv.register_forward_hook(record) for conv in convs]
             try:
                 logits = self.model(part.features, part.bits_per_symbol)
             finally:
                 for hook in hooks:
                     hook.remove()
             loss = per_slot_bce_bits(logits, part.labels, part.valid).sum()  # samples are independent in eval mode
-            names = list(layers)
-            output_grads = dict(zip(names, torch.autograd.grad(loss, [outputs[modules[m]] for m in names])))
-            columns = {}
-            for m in names:
-                conv, d_out = modules[m], output_grads[m].flatten(2)  # [B, O, L]
-                for kind, inside in layers[m].items():
-                    columns[(m, kind)] = (_masked_bias_gradient(d_out, inside) if kind == "bias" else
-                                          _masked_weight_gradient(conv, inputs[conv], d_out, inside))
-            width = sum(n for _, _, n in pieces)
-            block = torch.empty(len(part), width, dtype=logits.dtype)
-            column = 0
-            for module_name, kind, n in pieces:
-                if n:
-                    block[:, column:column + n] = columns[(module_name, kind)]
-                    column += n
-            rows.append(block)
+            d_out = {conv: g.flatten(2) for conv, g in  # [B, O, L] per convolution
+                     zip(convs, torch.autograd.grad(loss, [outputs[conv] for conv in convs]))}
+            rows.append(torch.cat([_masked_bias_gradient(d_out[conv], inside) if kind == "bias" else
+                                   _masked_weight_gradient(conv, inputs[conv], d_out[conv], inside)
+                                   for conv, kind, inside in pieces], dim=1))
         return torch.cat(rows)
 
     def mean_gradient(self, data: SlotTensors, chunk: int = 64) -> torch.Tensor:
