@@ -165,7 +165,8 @@ def _experiment(args: argparse.Namespace) -> int:
         name, path = _target_file(spec, args.target_slots, 1000 + i, workdir)
         targets[name] = read_slots(path)[0]
     methods = args.methods.split(",")
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    earlier = [json.loads(line) for line in args.rows.read_text().splitlines()] if args.rows and args.rows.exists() else []
     config = ExperimentConfig(args.adaptation_slots, args.held_out_slots,
                               UpdateConfig(k=args.k, steps=args.steps, learning_rate=args.learning_rate,
                                            replay=args.replay, fit_slots=args.fit_slots))
@@ -182,7 +183,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
         rows = run(model, pool, targets, regression, methods, seeds, config, args.multi_target, progress=record,
                    rehearsal=rehearsal)
-    summary = summarise(rows)
+    summary = summarise(earlier + rows)  # a resumed run reports every result in its --rows file
     if args.plot:
         plot(summary, str(args.plot))
     if args.json:
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--targets", nargs="+", required=True, help="scenario specs or HDF5 files")
     experiment.add_argument("--methods", default="none,random,first-order,second-order,target-only")
     experiment.add_argument("--seeds", type=int, default=5)
+    experiment.add_argument("--first-seed", dest="first_seed", type=int, default=0,
+                            help="seeds run are first-seed .. first-seed + seeds - 1 (to resume a stopped run)")
     experiment.add_argument("--regression", type=Path, help="HDF5 non-target slots (default: the pool)")
     experiment.add_argument("--regression-slots", dest="regression_slots", type=int, default=512)
     experiment.add_argument("--target-slots", dest="target_slots", type=int, default=320,
@@ -292,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="score at most this many held-out target slots (default: all the rest)")
     experiment.add_argument("--fit-slots", dest="fit_slots", type=int, default=256,
                             help="pool slots the curvature H is fitted on")
-    experiment.add_argument("--rows", type=Path, help="append each result as a JSON line to this file as it is made")
+    experiment.add_argument("--rows", type=Path, help="append each result as a JSON line to this file as it is "
+                            "made; the table and plot summarise every row in it, earlier runs' included")
     experiment.add_argument("--multi-target", dest="multi_target", action="store_true",
                             help="also adapt to all targets at once")
     experiment.add_argument("--k", type=int, default=64, help="pool slots selected (first-order, random)")

@@ -18,6 +18,7 @@ Example ``server.toml``::
     [adaptation]
     pool = "data/pool.h5"
     regression = "data/train-heldout.h5"
+    rehearsal = "data/train.h5"
     method = "first-order"
 """
 from __future__ import annotations

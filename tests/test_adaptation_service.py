@@ -22,7 +22,7 @@ def files(tmp_path_factory, train_mix_file, trained_tiny_checkpoint):
     root = tmp_path_factory.mktemp("adaptation-service")
     return {"model": trained_tiny_checkpoint, "drift": simulate(root / "drift.h5", DRIFT, 64, seed=21),
             "pool": simulate(root / "pool.h5", "channel=TDL-A|TDL-D,speed=0:150,snr=5:25,dmrs=0:1", 96, seed=22),
-            "regression": train_mix_file}
+            "regression": train_mix_file, "rehearsal": simulate(root / "rehearsal.h5", "train", 32, seed=23)}
 
 
 def _server(tmp_path, files, **adaptation):
@@ -32,6 +32,7 @@ def _server(tmp_path, files, **adaptation):
     a = config.adaptation
     a.pool, a.regression, a.min_target_slots, a.k, a.steps = str(files["pool"]), str(files["regression"]), 16, 24, 60
     a.learning_rate, a.min_relative_improvement, a.max_regression, a.rollback_slots = 3e-3, 0.0, 0.5, 16
+    a.replay = 0.5  # tiny models on few steps: half of each minibatch from the target
     for key, value in adaptation.items():
         setattr(a, key, value)
     return ReceiverServer(config, tmp_path / "store", files["model"]).start()
@@ -137,7 +138,8 @@ def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
 
 
 def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_swap(tmp_path, files):
-    server = _server(tmp_path, files, method="first-order", min_relative_improvement=-1.0)  # accept any
+    server = _server(tmp_path, files, method="first-order", min_relative_improvement=-1.0,  # accept any
+                     rehearsal=str(files["rehearsal"]))
     drift, _ = read_slots(files["drift"])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -145,7 +147,9 @@ def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_s
             _serve_labelled(channel, drift.select(slice(0, 32)), "drift", "d")
             first = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
             assert first.state == pb.AdaptationJob.ACCEPTED and "channels" in first.selected_summary
-            assert server.registry.info(first.new_version)["details"]["selection"] == "gradient index"
+            lineage = server.registry.info(first.new_version)
+            assert lineage["details"]["selection"] == "gradient index"
+            assert lineage["rehearsal"] == str(files["rehearsal"]) and lineage["replay"] == 0.5
             text = scrape(server.metrics_port)
             assert re.search(r"^deeprx_influence_index_builds_total 1\.0", text, re.M)
             assert re.search(r"^deeprx_influence_index_stale 1\.0", text, re.M), "built on v1, v2 now serves"

@@ -28,3 +28,13 @@ def test_experiment_cli_reports_every_method_seed_and_target(trained_tiny_checkp
     assert [json.loads(line) for line in rows.read_text().splitlines()] == out["results"]  # written as made
     summary = {(s["target"], s["method"]) for s in out["summary"]}
     assert ("high-snr", "target-only") in summary
+
+    # resumed with one more seed: the summary covers the rows already in the file too
+    assert service_main(["experiment", "--model", str(trained_tiny_checkpoint), "--pool", str(train_mix_file),
+                         "--targets", str(high_snr_file), "--target-slots", "40", "--adaptation-slots", "16",
+                         "--held-out-slots", "12", "--methods", "none", "--first-seed", "2", "--seeds", "1",
+                         "--rows", str(rows), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert [r["seed"] for r in resumed["results"]] == [2]
+    none = next(s for s in resumed["summary"] if s["target"] == "high-snr" and s["method"] == "none")
+    assert none["seeds"] == 3

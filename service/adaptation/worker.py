@@ -40,11 +40,15 @@ class AdaptationConfig:
     regression_slots: int = 256
     held_out_fraction: float = 0.4
     min_target_slots: int = 16
+    rehearsal: str = ""  # HDF5 slots of the training mix that fine-tuning rehearses; empty: the pool
+    rehearsal_slots: int = 2000
     method: str = "first-order"
     k: int = 64
-    steps: int = 50
+    # 400 Adam steps of 16 slots, 15 of them rehearsed: fitting only the selected drift slots erases
+    # what the model knew of the training mix (docs: forgetting per unit of target gain)
+    steps: int = 400
     learning_rate: float = 3e-4
-    replay: float = 0.5  # fraction of each fine-tuning minibatch rehearsed from the whole pool
+    replay: float = 0.9375  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
     curvature: str = "ekfac"
     min_relative_improvement: float = 0.02
     max_regression: float = 0.002
@@ -91,7 +95,8 @@ class AdaptationWorker:
         self._lock = threading.Lock()
         self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits, slots]
         self._last_auto: dict[str, float] = {}
-        self._regression = self._load_regression()
+        self._regression = self._load(config.regression, config.regression_slots)
+        self._rehearsal = self._load(config.rehearsal, config.rehearsal_slots)
         self._pool_file = read_slots(config.pool)[0] if config.pool else None  # read once, not per job
         for method in METHODS:  # every series exists from the start, so a first failure is an increase
             for outcome in ("accepted", "rejected", "failed"):
@@ -99,11 +104,10 @@ class AdaptationWorker:
         self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
         self._thread.start()
 
-    def _load_regression(self):
-        if not self.config.regression:
-            return None
-        slots, _ = read_slots(self.config.regression, slice(0, self.config.regression_slots))
-        return prepare(slots)
+    @staticmethod
+    def _load(path: str, slots: int):
+        """The first ``slots`` slots of an HDF5 file as model tensors (None without a file)."""
+        return prepare(read_slots(path, slice(0, slots))[0]) if path else None
 
     # ------------------------------------------------------------------ API used by the RPCs
     def submit(self, context: str, slot_ids: list[str], method: str, options: dict[str, str]) -> Job:
@@ -200,7 +204,8 @@ class AdaptationWorker:
             slots, ids = slots.select(np.asarray(keep, int)), [ids[i] for i in keep]
         if len(ids) < self.config.min_target_slots:
             raise AdaptationError(f"target has {len(ids)} labelled slots, needs {self.config.min_target_slots}")
-        return slots, ids
+        by_id = np.argsort(ids, kind="stable")  # concurrent streams store in varying order; the split must not vary
+        return slots.select(by_id), [ids[i] for i in by_id]
 
     def _pool(self, job: Job) -> SlotBatch:
         if self._pool_file is not None:
@@ -249,7 +254,7 @@ class AdaptationWorker:
         if self.config.pool and job.method in GUIDED and config.score in ("raw", "l-relative"):
             selection = self._select_from_index(model, active.version, pool_slots, adaptation_slots, config)
         job.progress = 0.4
-        result = adapt(model, pool, adaptation, config, selection)
+        result = adapt(model, pool, adaptation, config, selection, rehearsal=self._rehearsal)
         job.progress = 0.7
         if result.selected is not None and len(result.selected):
             picked = result.selected.numpy()
@@ -272,7 +277,8 @@ class AdaptationWorker:
                      "regression_ber_before": job.regression_ber_before,
                      "regression_ber_after": job.regression_ber_after},
             extra={"job": job.job_id, "method": job.method, "context": job.context, "accepted": decision.accepted,
-                   "selected_summary": job.selected_summary, "details": _jsonable(result.details)})
+                   "selected_summary": job.selected_summary, "details": _jsonable(result.details),
+                   "rehearsal": self.config.rehearsal or "pool", "replay": config.replay})
         job.message = decision.reason
         if decision.accepted:
             with self._lock:
