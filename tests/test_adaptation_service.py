@@ -191,3 +191,22 @@ def test_bad_adaptation_requests(server, channel):
     assert _wait(stub, job.job_id).state == pb.AdaptationJob.FAILED
     assert "labelled" in stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).message
     assert [j.job_id for j in stub.ListAdaptations(pb.ListAdaptationsRequest()).jobs] == [job.job_id]
+
+
+def test_held_out_split_does_not_depend_on_arrival_order(tmp_path, files):
+    """The same labelled slots reaching two servers in different orders give the same held-out part."""
+    drift, _ = read_slots(files["drift"])
+    halves = [(drift.select(slice(0, 16)), "b"), (drift.select(slice(16, 32)), "a")]
+    before = []
+    for run, order in enumerate((halves, halves[::-1])):
+        server = _server(tmp_path / f"run{run}", files, method="target-only")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                for slots, prefix in order:
+                    _serve_labelled(channel, slots, "drift", prefix)
+                stub = pb_grpc.ReceiverStub(channel)
+                job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", options={"steps": "1"}))
+                before.append(_wait(stub, job.job_id).ber_before)
+        finally:
+            server.stop(grace=5)
+    assert before[0] == before[1]

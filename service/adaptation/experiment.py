@@ -150,9 +150,10 @@ def plot(summary: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(targets), 4))
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
+        # a method not run on a target gets no bar (NaN), not a bar at zero
         values = [next((s for s in summary if s["target"] == t and s["method"] == method), None) for t in targets]
-        ax.bar(np.arange(len(targets)) + i * width, [v["gap_closure"] if v else 0 for v in values], width,
-               yerr=[v["gap_closure_std"] if v else 0 for v in values], label=method, capsize=2)
+        ax.bar(np.arange(len(targets)) + i * width, [v["gap_closure"] if v else np.nan for v in values], width,
+               yerr=[v["gap_closure_std"] if v else np.nan for v in values], label=method, capsize=2)
     ax.set_xticks(np.arange(len(targets)) + width * (len(methods) - 1) / 2, targets, rotation=15)
     ax.set_ylabel("gap closure toward genie")
     ax.axhline(0, color="black", linewidth=0.8)

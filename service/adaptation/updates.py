@@ -43,7 +43,7 @@ class UpdateConfig:
     curvature: CurvatureConfig = field(default_factory=lambda: CurvatureConfig(method="ekfac"))
     fit_slots: int = 256
     line_search: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # eta candidates, in units of the step norm
-    replay: float = 0.5  # fraction of each fine-tuning minibatch drawn from the whole pool
+    replay: float = 0.5  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
     seed: int = 0
 
     def __post_init__(self) -> None:

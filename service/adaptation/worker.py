@@ -45,7 +45,7 @@ class AdaptationConfig:
     method: str = "first-order"
     k: int = 64
     # 400 Adam steps of 16 slots, 15 of them rehearsed: fitting only the selected drift slots erases
-    # what the model knew of the training mix (docs: forgetting per unit of target gain)
+    # what the model knew of the training mix (README: the experiment's service setting)
     steps: int = 400
     learning_rate: float = 3e-4
     replay: float = 0.9375  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
