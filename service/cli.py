@@ -166,7 +166,8 @@ def _experiment(args: argparse.Namespace) -> int:
         targets[name] = read_slots(path)[0]
     methods = args.methods.split(",")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    earlier = [json.loads(line) for line in args.rows.read_text().splitlines()] if args.rows and args.rows.exists() else []
+    resumed = args.rows is not None and args.rows.exists()
+    earlier = [json.loads(line) for line in args.rows.read_text().splitlines()] if resumed else []
     config = ExperimentConfig(args.adaptation_slots, args.held_out_slots,
                               UpdateConfig(k=args.k, steps=args.steps, learning_rate=args.learning_rate,
                                            replay=args.replay, fit_slots=args.fit_slots))

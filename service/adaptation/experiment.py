@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from schema.dataset import SlotBatch
-from service.adaptation.updates import GUIDED, UpdateConfig, adapt
+from service.adaptation.updates import GUIDED, UpdateConfig, adapt, draw
 from service.features import prepare
 from service.influence.curvature import default_damping
 from service.influence.gradients import ParameterSpace
@@ -65,7 +65,7 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
     space = ParameterSpace.convolutions(model.eval())
     pool_gradients = space.per_sample_gradients(pool_data) if guided else None
     if guided and config.update.curvature.damping is None:  # one damping for every run, as in the benchmarks
-        fit = pool_data[torch.randperm(len(pool_data), generator=torch.Generator().manual_seed(0))[: config.update.fit_slots]]
+        fit = pool_data[draw(len(pool_data), config.update.fit_slots, seed=0)]
         curvature = replace(config.update.curvature, damping=default_damping(space, fit, config.update.curvature))
         config = replace(config, update=replace(config.update, curvature=curvature))
     pool_gradient_seconds = time.perf_counter() - start

@@ -93,10 +93,14 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
     return tuned.eval()
 
 
+def draw(size: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` distinct indices of ``range(size)``, the same ones for the same seed."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]
+
+
 def _fit_on_pool(space: ParameterSpace, pool: SlotTensors, config: UpdateConfig):
     """H fitted on ``config.fit_slots`` pool slots drawn with ``config.seed``."""
-    fit = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.fit_slots]]
-    return fit_curvature(space, fit, config.curvature)
+    return fit_curvature(space, pool[draw(len(pool), config.fit_slots, config.seed)], config.curvature)
 
 
 def select_beneficial(model: DeepRx, pool: SlotTensors, target: SlotTensors, config: UpdateConfig,
@@ -155,7 +159,7 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         tuned = fine_tune(model, adaptation, config, rehearsal=rehearsal)
         return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation)})
     if config.method == "random":
-        chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: config.k]
+        chosen = draw(len(pool), config.k, config.seed)
         tuned = fine_tune(model, pool[chosen], config, rehearsal=rehearsal)
         return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen)})
     if selection is None:
