@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from schema.dataset import SlotBatch, read_slots
-from service.checkpoint import load_checkpoint
-from service.features import SlotTensors, prepare
 from service.influence.gradients import ParameterSpace
-from service.model import DeepRx
+from service.receiver.checkpoint import load_checkpoint
+from service.receiver.features import SlotTensors, prepare
+from service.receiver.model import DeepRx
 
 ROOT = Path(__file__).resolve().parents[1]
 

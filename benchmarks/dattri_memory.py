@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_workload_arguments, freeze_batch_norm, load_workload, measure  # noqa: E402
-from service.loss import per_slot_bce_bits  # noqa: E402
+from service.receiver.loss import per_slot_bce_bits  # noqa: E402
 
 
 def one_cg_iteration(args: argparse.Namespace) -> dict:

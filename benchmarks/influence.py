@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_workload_arguments, load_workload, measure  # noqa: E402
 from service.influence.compress import Compressor  # noqa: E402
-from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
+from service.influence.curvature import CurvatureConfig, default_damping  # noqa: E402
+from service.influence.inverse import fit_curvature  # noqa: E402
 from service.influence.learned import EstimatorConfig, InfluenceEstimator, slot_features, spearman  # noqa: E402
 from service.influence.scores import influence, normalised  # noqa: E402
 

@@ -38,13 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_workload_arguments, freeze_batch_norm, load_workload, measure  # noqa: E402
-from service.checkpoint import load_checkpoint  # noqa: E402
-from service.features import SlotTensors  # noqa: E402
-from service.influence.curvature import CurvatureConfig, default_damping, fit_curvature  # noqa: E402
+from service.influence.curvature import CurvatureConfig, default_damping  # noqa: E402
 from service.influence.gradients import ParameterSpace  # noqa: E402
+from service.influence.inverse import fit_curvature  # noqa: E402
 from service.influence.learned import spearman  # noqa: E402
 from service.influence.scores import influence  # noqa: E402
-from service.loss import per_slot_bce_bits  # noqa: E402
+from service.receiver.checkpoint import load_checkpoint  # noqa: E402
+from service.receiver.features import SlotTensors  # noqa: E402
+from service.receiver.loss import per_slot_bce_bits  # noqa: E402
 
 
 class SlotDataset(Dataset):

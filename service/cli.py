@@ -16,7 +16,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from service.train import TrainConfig, train
+    from service.receiver.train import TrainConfig, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     metadata = train(args.data, args.out, config, progress=not args.quiet)
@@ -28,8 +28,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from schema.dataset import read_slots
-    from service.checkpoint import load_checkpoint
-    from service.evaluate import evaluate
+    from service.receiver.checkpoint import load_checkpoint
+    from service.receiver.evaluate import evaluate
 
     checkpoint = load_checkpoint(args.model)
     slots, attrs = read_slots(args.data)
@@ -76,9 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _influence(args: argparse.Namespace) -> int:
     from schema.dataset import read_slots
-    from service.checkpoint import load_checkpoint
     from service.influence.curvature import CurvatureConfig
     from service.influence.engine import InfluenceConfig, rank_pool
+    from service.receiver.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model).model
     pool, _ = read_slots(args.pool)
@@ -108,9 +108,9 @@ def _influence(args: argparse.Namespace) -> int:
 
 def _influence_index(args: argparse.Namespace) -> int:
     from schema.dataset import read_slots
-    from service.checkpoint import load_checkpoint
     from service.influence.curvature import CurvatureConfig
     from service.influence.index import GradientIndex, IndexConfig
+    from service.receiver.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.model)
     version = args.version or f"{Path(args.model).name}@{checkpoint.metadata.get('steps', 0)}"
@@ -153,7 +153,7 @@ def _experiment(args: argparse.Namespace) -> int:
     from schema.dataset import read_slots
     from service.adaptation.experiment import ExperimentConfig, format_table, plot, run, summarise
     from service.adaptation.updates import UpdateConfig
-    from service.checkpoint import load_checkpoint
+    from service.receiver.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model).model
     pool, _ = read_slots(args.pool)
@@ -207,7 +207,7 @@ def _influence_arguments(parser: argparse.ArgumentParser, fit_slots: int) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.train import TrainConfig
+    from service.receiver.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="deeprx-service", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

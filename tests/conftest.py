@@ -33,8 +33,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained tiny DeepRx (2 rx antennas), seeded: any fixed model will do for serving tests."""
     import torch
 
-    from service.checkpoint import save_checkpoint
-    from service.model import DeepRx, config_for
+    from service.receiver.checkpoint import save_checkpoint
+    from service.receiver.model import DeepRx, config_for
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "tiny"
@@ -46,7 +46,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def trained_tiny_checkpoint(tmp_path_factory, train_mix_file) -> Path:
     """A tiny DeepRx trained briefly on the training mix: near an optimum of the pool's distribution,
     so influence finds both helpful and harmful slots, and an unseen drift condition is a weak spot."""
-    from service.train import TrainConfig, train
+    from service.receiver.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained") / "tiny"
     train(train_mix_file, out, TrainConfig(size="tiny", steps=300, batch_size=16, learning_rate=1e-2,

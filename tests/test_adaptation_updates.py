@@ -7,10 +7,10 @@ import torch
 from schema.dataset import read_slots
 from service.adaptation.gate import GateConfig, gate
 from service.adaptation.updates import UpdateConfig, adapt, fine_tune, select_beneficial, target_loss
-from service.checkpoint import load_checkpoint
-from service.features import prepare
 from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
+from service.receiver.checkpoint import load_checkpoint
+from service.receiver.features import prepare
 from tests.conftest import simulate
 
 

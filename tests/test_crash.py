@@ -16,7 +16,7 @@ from client.stream import stream_slots
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
-from service.registry import ModelRegistry
+from service.serving.registry import ModelRegistry
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -89,8 +89,8 @@ def _stream_until_killed(channel, slots) -> None:
 
 PUBLISH_LOOP = """
 import sys, torch
-from service.model import DeepRx, config_for
-from service.registry import ModelRegistry
+from service.receiver.model import DeepRx, config_for
+from service.serving.registry import ModelRegistry
 registry = ModelRegistry(sys.argv[1])
 model = DeepRx(config_for("small")).eval()
 print("ready", flush=True)

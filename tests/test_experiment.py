@@ -1,6 +1,5 @@
 import json
 
-
 from service.cli import main as service_main
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from schema.dataset import read_slots
-from service.features import featurize, num_input_channels, prepare
+from service.receiver.features import featurize, num_input_channels, prepare
 
 
 def _slots(path):

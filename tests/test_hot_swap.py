@@ -11,8 +11,8 @@ from proto import codec
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
-from service.features import prepare
-from service.model import DeepRx, config_for
+from service.receiver.features import prepare
+from service.receiver.model import DeepRx, config_for
 from tests.conftest import scrape
 
 

@@ -32,8 +32,8 @@ def test_influence_table_names_scenario_columns(train_mix_file, high_snr_file, t
 
 
 def test_influence_index_cli_builds_then_extends(train_mix_file, high_snr_file, tiny_checkpoint, tmp_path, capsys):
-    from service.checkpoint import load_checkpoint
     from service.influence.index import GradientIndex
+    from service.receiver.checkpoint import load_checkpoint
 
     index_dir = tmp_path / "index"
     args = ["influence", "index", "--model", str(tiny_checkpoint), "--index", str(index_dir), "--method", "kfac",

@@ -70,9 +70,9 @@ def test_cli_compressed_ranking_agrees_with_exact(train_mix_file, high_snr_file,
 @pytest.mark.parametrize("products", [0, 2])
 def test_per_layer_masked_gradients_equal_the_kept_coordinates_of_dense_ones(train_mix_file, products):
     from schema.dataset import read_slots
-    from service.features import prepare
     from service.influence.gradients import ParameterSpace
-    from service.model import DeepRx, DeepRxConfig
+    from service.receiver.features import prepare
+    from service.receiver.model import DeepRx, DeepRxConfig
 
     torch.manual_seed(0)  # two blocks: dilated depthwise 3x3, 1x1 pointwise, a 1x1 skip, and the matched filter
     model = DeepRx(DeepRxConfig((8, 12), ((1, 1), (2, 3)), 2, products, 0)).double().eval()
@@ -88,11 +88,12 @@ def test_per_layer_masked_gradients_equal_the_kept_coordinates_of_dense_ones(tra
 
 def test_raw_mask_scores_from_per_layer_gradients_equal_the_dense_path(train_mix_file, high_snr_file, tiny_checkpoint):
     from schema.dataset import read_slots
-    from service.checkpoint import load_checkpoint
-    from service.features import prepare
-    from service.influence.curvature import CurvatureConfig, fit_curvature
+    from service.influence.curvature import CurvatureConfig
     from service.influence.engine import InfluenceConfig, compressed_scores, rank_pool
     from service.influence.gradients import ParameterSpace
+    from service.influence.inverse import fit_curvature
+    from service.receiver.checkpoint import load_checkpoint
+    from service.receiver.features import prepare
 
     model = load_checkpoint(tiny_checkpoint).model.eval()
     pool, targets = read_slots(train_mix_file, slice(0, 40))[0], read_slots(high_snr_file, slice(0, 4))[0]

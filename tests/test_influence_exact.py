@@ -7,12 +7,13 @@ import torch
 from torch.func import functional_call, jacrev
 
 from schema.dataset import read_slots
-from service.features import prepare
-from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
+from service.influence.inverse import fit_curvature
 from service.influence.scores import influence, most_beneficial, normalised, self_influence
-from service.loss import per_slot_bce_bits
-from service.model import DeepRx, DeepRxConfig, config_for
+from service.receiver.features import prepare
+from service.receiver.loss import per_slot_bce_bits
+from service.receiver.model import DeepRx, DeepRxConfig, config_for
 
 
 def _data(path, rows, prb=1):
@@ -112,7 +113,7 @@ def _target_loss(model, space, params_flat, target) -> float:
 def test_beneficial_samples_lower_the_target_loss_and_harmful_ones_raise_it(train_mix_file, trained_tiny_checkpoint,
                                                                            seed, method):
     """Trained model: far from an optimum (untrained) every slot is beneficial for every target."""
-    from service.checkpoint import load_checkpoint
+    from service.receiver.checkpoint import load_checkpoint
 
     model = load_checkpoint(trained_tiny_checkpoint).model.double().eval()
     space = ParameterSpace.convolutions(model) if method == "identity" else ParameterSpace(

@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from schema.dataset import read_slots
-from service.checkpoint import load_checkpoint
-from service.features import prepare
-from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
 from service.influence.index import GradientIndex, IndexConfig, StaleIndexError
+from service.influence.inverse import fit_curvature
 from service.influence.scores import normalised
+from service.receiver.checkpoint import load_checkpoint
+from service.receiver.features import prepare
 
 
 @pytest.fixture(scope="module")

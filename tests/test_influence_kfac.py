@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from schema.dataset import read_slots
-from service.features import prepare
-from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
-from service.model import DeepRx, config_for
+from service.influence.inverse import fit_curvature
+from service.receiver.features import prepare
+from service.receiver.model import DeepRx, config_for
 
 
 @pytest.fixture(scope="module")

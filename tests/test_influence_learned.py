@@ -1,12 +1,13 @@
 import torch
 
 from schema.dataset import read_slots
-from service.checkpoint import load_checkpoint
-from service.features import prepare
-from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
+from service.influence.inverse import fit_curvature
 from service.influence.learned import EstimatorConfig, InfluenceEstimator, slot_features, spearman
 from service.influence.scores import normalised
+from service.receiver.checkpoint import load_checkpoint
+from service.receiver.features import prepare
 
 
 def test_estimator_learns_influence_from_a_fraction_of_pairs(train_mix_file, high_snr_file, tiny_checkpoint):

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from service.checkpoint import load_checkpoint, save_checkpoint
-from service.loss import bce_bits, bit_errors, per_slot_bce_bits
-from service.model import DeepRx, DeepRxConfig, MatchedFilter, config_for
+from service.receiver.checkpoint import load_checkpoint, save_checkpoint
+from service.receiver.loss import bce_bits, bit_errors, per_slot_bce_bits
+from service.receiver.model import DeepRx, DeepRxConfig, MatchedFilter, config_for
 
 
 @pytest.mark.parametrize("rx", [1, 2, 4])

@@ -1,4 +1,4 @@
-from service.monitor import FeedbackMonitor, TargetRule
+from service.monitoring.monitor import FeedbackMonitor, TargetRule
 
 
 def test_a_context_becomes_a_target_after_enough_slots_above_threshold():

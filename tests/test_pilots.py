@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from schema.dataset import read_slots
-from service.pilots import pilot_sinr_db
+from service.monitoring.pilots import pilot_sinr_db
 from tests.conftest import simulate
 
 

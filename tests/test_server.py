@@ -14,8 +14,8 @@ from proto import codec
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
-from service.checkpoint import load_checkpoint
-from service.evaluate import evaluate
+from service.receiver.checkpoint import load_checkpoint
+from service.receiver.evaluate import evaluate
 from tests.conftest import scrape
 
 NAMED_SERIES = ("deeprx_requests_total", "deeprx_slots_total", "deeprx_inference_seconds_bucket",
@@ -126,7 +126,7 @@ def test_graceful_stop_finishes_in_flight_work_and_flushes_the_store(tmp_path, t
         threading.Timer(0.01, server.stop, kwargs={"grace": 10}).start()
         assert len(future.result(timeout=30).results) == 32
     server.wait()
-    from service.store import SampleStore
+    from service.serving.store import SampleStore
     assert SampleStore(tmp_path / "store" / "samples").count() == 32
 
 

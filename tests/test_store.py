@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from service.slot import ReceivedSlot
-from service.store import SampleStore, SlotLabel
+from service.serving.slot import ReceivedSlot
+from service.serving.store import SampleStore, SlotLabel
 
 
 def _slot(i: int, context: str = "c") -> ReceivedSlot:

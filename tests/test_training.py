@@ -4,9 +4,9 @@ import torch
 
 from schema.dataset import read_slots
 from service.cli import main as service_main
-from service.features import prepare
-from service.model import DeepRx, config_for
-from service.train import TrainConfig, train, validate
+from service.receiver.features import prepare
+from service.receiver.model import DeepRx, config_for
+from service.receiver.train import TrainConfig, train, validate
 
 
 def test_tiny_model_loss_falls_on_a_tiny_dataset(high_snr_file, tmp_path):
@@ -43,7 +43,7 @@ def test_train_resume_and_eval_cli_round_trip(high_snr_file, tmp_path, capsys):
     assert plot.stat().st_size > 1000
 
     # the printed BER is the model's own: recompute it through the library
-    from service.checkpoint import load_checkpoint
+    from service.receiver.checkpoint import load_checkpoint
     slots, _ = read_slots(high_snr_file)
     expected = validate(load_checkpoint(out).model, prepare(slots))["ber"]
     assert abs(report["ber"]["deeprx"] - expected) < 1e-12

@@ -16,11 +16,11 @@ import torch
 
 from schema.dataset import SlotBatch
 from service.adaptation.updates import GUIDED, UpdateConfig, adapt, draw
-from service.features import prepare
 from service.influence.curvature import default_damping
 from service.influence.gradients import ParameterSpace
-from service.model import DeepRx
-from service.train import validate
+from service.receiver.features import prepare
+from service.receiver.model import DeepRx
+from service.receiver.train import validate
 
 
 @dataclass

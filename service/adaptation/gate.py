@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from service.features import SlotTensors
-from service.model import DeepRx
-from service.train import validate
+from service.receiver.features import SlotTensors
+from service.receiver.model import DeepRx
+from service.receiver.train import validate
 
 
 @dataclass

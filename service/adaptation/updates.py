@@ -21,12 +21,13 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from service.features import SlotTensors
-from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
+from service.influence.inverse import fit_curvature
 from service.influence.scores import influence, normalised
-from service.loss import bce_bits, per_slot_bce_bits
-from service.model import DeepRx
+from service.receiver.features import SlotTensors
+from service.receiver.loss import bce_bits, per_slot_bce_bits
+from service.receiver.model import DeepRx
 
 METHODS = ("first-order", "second-order", "random", "target-only")
 GUIDED = ("first-order", "second-order")  # the rules that rank the pool by influence

@@ -23,12 +23,12 @@ import torch
 from schema.dataset import SlotBatch, read_slots
 from service.adaptation.gate import GateConfig, gate
 from service.adaptation.updates import GUIDED, METHODS, Selection, UpdateConfig, adapt
-from service.features import prepare
 from service.influence.curvature import CurvatureConfig
 from service.influence.index import GradientIndex, IndexConfig
-from service.metrics import ServiceMetrics
-from service.registry import ModelRegistry
-from service.store import SampleStore
+from service.receiver.features import prepare
+from service.serving.metrics import ServiceMetrics
+from service.serving.registry import ModelRegistry
+from service.serving.store import SampleStore
 
 log = logging.getLogger("deeprx.adaptation")
 

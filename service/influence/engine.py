@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 import torch
 
 from schema.dataset import SlotBatch
-from service.features import prepare
 from service.influence.compress import Compressor
-from service.influence.curvature import CurvatureConfig, fit_curvature
+from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
+from service.influence.inverse import fit_curvature
 from service.influence.scores import normalised
-from service.model import DeepRx
+from service.receiver.features import prepare
+from service.receiver.model import DeepRx
 
 
 @dataclass

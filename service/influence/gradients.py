@@ -1,6 +1,6 @@
 """What influence differentiates: per-sample gradients of the training loss and GGN-vector products.
 
-The loss of one sample z is the capacity-like BCE in bits (``service.loss.per_slot_bce_bits``);
+The loss of one sample z is the capacity-like BCE in bits (``service.receiver.loss.per_slot_bce_bits``);
 ``g(z)`` is its gradient over a chosen set of parameters (default: every convolution weight and
 bias; batch-norm scales/shifts are left out, as in Kronfluence). The model is in eval mode, so
 batch norm uses its running statistics and each sample's gradient depends on that sample alone.
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from service.features import SlotTensors
-from service.loss import per_slot_bce_bits
+from service.receiver.features import SlotTensors
+from service.receiver.loss import per_slot_bce_bits
 
 
 @dataclass

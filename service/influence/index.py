@@ -24,11 +24,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from schema.dataset import SlotBatch
-from service.features import prepare
 from service.influence.compress import Compressor
-from service.influence.curvature import CurvatureConfig, InverseCurvature, fit_curvature
+from service.influence.curvature import CurvatureConfig, InverseCurvature
 from service.influence.gradients import ParameterSpace
-from service.model import DeepRx
+from service.influence.inverse import fit_curvature
+from service.receiver.features import prepare
+from service.receiver.model import DeepRx
 
 MANIFEST = "manifest.json"
 

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.features import SlotTensors
 from service.influence.curvature import InverseCurvature
 from service.influence.gradients import ParameterSpace
-from service.loss import per_slot_bce_bits
+from service.receiver.features import SlotTensors
+from service.receiver.loss import per_slot_bce_bits
 
 
 @dataclass

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from service.features import SlotTensors
-from service.loss import per_slot_bce_bits
-from service.model import DeepRx
+from service.receiver.features import SlotTensors
+from service.receiver.loss import per_slot_bce_bits
+from service.receiver.model import DeepRx
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import numpy as np
 
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
-from service.slot import ReceivedSlot
+from service.serving.slot import ReceivedSlot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (

@@ -2,7 +2,7 @@
 
 Contexts without labels still get two label-free estimates per served slot: the expected BER under
 the model's own LLRs, ``mean sigma(-|LLR|)`` (as good as the model's calibration; the BCE loss
-trains for calibration), and the pilot-based DMRS residual SINR (``service/pilots.py``), which
+trains for calibration), and the pilot-based DMRS residual SINR (``service/monitoring/pilots.py``), which
 needs no model and shows channels that outrun the pilot spacing.
 
 The server records each served slot's hard decisions (bounded LRU); feedback for a slot id is

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.model import DeepRx, DeepRxConfig
+from service.receiver.model import DeepRx, DeepRxConfig
 
 WEIGHTS = "model.safetensors"
 METADATA = "model.json"

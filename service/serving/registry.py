@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from service.checkpoint import load_checkpoint, save_checkpoint
-from service.model import DeepRx
+from service.receiver.checkpoint import load_checkpoint, save_checkpoint
+from service.receiver.model import DeepRx
 
 VERSION_FILE = "version.json"
 ACTIVE_FILE = "ACTIVE"

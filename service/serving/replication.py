@@ -13,7 +13,7 @@ import threading
 
 import zmq
 
-from service.registry import ModelRegistry, ModelVersion
+from service.serving.registry import ModelRegistry, ModelVersion
 
 log = logging.getLogger("deeprx.replication")
 TOPIC = b"deeprx.model"

@@ -10,11 +10,15 @@ import torch
 from tqdm import tqdm
 
 from schema.dataset import read_slots
-from service.checkpoint import (flatten_optimizer_state, load_checkpoint, restore_optimizer_state,
-                                save_checkpoint)
-from service.features import SlotTensors, prepare
-from service.loss import bce_bits, bit_errors
-from service.model import DeepRx, config_for
+from service.receiver.checkpoint import (
+    flatten_optimizer_state,
+    load_checkpoint,
+    restore_optimizer_state,
+    save_checkpoint,
+)
+from service.receiver.features import SlotTensors, prepare
+from service.receiver.loss import bce_bits, bit_errors
+from service.receiver.model import DeepRx, config_for
 
 
 @dataclass

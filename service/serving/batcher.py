@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.metrics import ServiceMetrics
-from service.registry import ModelVersion
+from service.serving.metrics import ServiceMetrics
+from service.serving.registry import ModelVersion
 
 
 @dataclass(eq=False)

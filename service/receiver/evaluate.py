@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from schema.dataset import SlotBatch
-from service.features import prepare
-from service.loss import bit_errors
-from service.model import DeepRx
+from service.receiver.features import prepare
+from service.receiver.loss import bit_errors
+from service.receiver.model import DeepRx
 
 RECEIVERS = ("deeprx", "ls_lmmse", "genie")
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from schema.scenario import MAX_BITS_PER_SYMBOL
-from service.features import bit_mask, num_input_channels
+from service.receiver.features import bit_mask, num_input_channels
 
 _FULL_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 128, 128, 64, 64)
 # (subcarrier, symbol) dilations: wide in frequency where the channel is smooth, short in time.

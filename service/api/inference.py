@@ -1,0 +1,161 @@
+"""Inference and feedback RPCs: Detect, StreamDetect, ReportFeedback."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+import torch
+
+from proto import codec
+from proto import receiver_pb2 as pb
+from service.api.base import RpcBase
+from service.api.requests import RequestError, check_slot_count, decode_feedback_bits, decode_slot, invalid
+from service.monitoring.monitor import ServedSlot
+from service.monitoring.pilots import pilot_sinr_db
+from service.receiver.features import featurize
+from service.serving.batcher import BatcherClosed
+from service.serving.registry import ModelVersion
+from service.serving.slot import ReceivedSlot
+from service.serving.store import SlotLabel
+
+log = logging.getLogger("deeprx.server")
+
+
+class InferenceRpcs(RpcBase):
+    def _decode(self, slot: pb.Slot, field: str, version: ModelVersion) -> ReceivedSlot:
+        return decode_slot(slot, field, version.model.config.rx, self.config.limits.max_subcarriers)
+
+    def _submit(self, slot: ReceivedSlot, version: ModelVersion):
+        features = featurize(torch.from_numpy(slot.grid)[None], torch.from_numpy(slot.pilots)[None])[0]
+        try:
+            return self.batcher.submit(features, slot.bits_per_symbol, version)
+        except BatcherClosed as err:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+
+    def _finish(self, slot: ReceivedSlot, logits: torch.Tensor, version: ModelVersion,
+                return_hard_bits: bool) -> pb.SlotResult:
+        """LLRs at the data REs in grid order; remember and capture what was served."""
+        k = slot.bits_per_symbol
+        llrs = logits[:k].permute(2, 1, 0).numpy()[slot.data_mask]  # [data REs, k]
+        hard = (llrs > 0).astype(np.uint8)
+        latency = time.perf_counter() - slot.arrival
+        self.metrics.slot_latency_seconds.observe(latency)
+        self.metrics.slots.labels("ok").inc()
+        self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard))
+        expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
+        label = self.metrics.context_label(slot.context)
+        estimate = self.monitor.record_estimate(label, expected_ber, pilot_sinr_db(slot.grid, slot.pilots))
+        self.metrics.context_ber_estimate.labels(label).set(estimate.expected_ber)
+        self.metrics.context_pilot_sinr.labels(label).set(estimate.pilot_sinr_db)
+        if self.store is not None:
+            self.store.capture(slot, version.version)
+        return pb.SlotResult(slot_id=slot.slot_id, llrs=codec.encode(llrs),
+                             hard_bits=codec.encode(hard) if return_hard_bits else None,
+                             model_version=version.version, server_latency_seconds=latency)
+
+    def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:
+        n = len(request.slots)
+        try:
+            check_slot_count(n, self.config.limits.max_slots_per_request)
+            version = self._active()
+            decoded = [self._decode(s, f"slots[{i}]", version) for i, s in enumerate(request.slots)]
+            pending = [self._submit(s, version) for s in decoded]
+        except RequestError as err:
+            self._reject("Detect", err, context, n)
+        try:
+            results = [self._finish(s, p.result(), version, request.return_hard_bits)
+                       for s, p in zip(decoded, pending)]
+        except Exception:  # noqa: BLE001
+            log.exception("inference failed")
+            self.metrics.slots.labels("failed").inc(n)
+            self._reject("Detect", RequestError(grpc.StatusCode.INTERNAL, "inference failed"), context)
+        self._ok("Detect")
+        return pb.DetectResponse(results=results)
+
+    def StreamDetect(self, request_iterator, context: grpc.ServicerContext):
+        """Results in request order; at most ``stream_window`` slots in flight, then the server stops
+        reading the stream and HTTP/2 flow control holds the client back."""
+        window: queue.Queue = queue.Queue(maxsize=self.config.limits.stream_window)
+        end = object()
+
+        def put(item) -> None:
+            while context.is_active():
+                try:
+                    window.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        def read() -> None:
+            try:
+                for index, request in enumerate(request_iterator):
+                    version = self._active()
+                    slot = self._decode(request.slot, f"slot (message {index})", version)
+                    put((slot, self._submit(slot, version), version, request.return_hard_bits))
+                put(end)
+            except Exception as err:  # noqa: BLE001 - a refused slot, or a cancelled or broken stream
+                put(err)
+
+        threading.Thread(target=read, name="stream-reader", daemon=True).start()
+        while True:
+            item = window.get()
+            if item is end:
+                break
+            if isinstance(item, RequestError):
+                self._reject("StreamDetect", item, context, 1)
+            if isinstance(item, Exception):
+                if context.is_active():
+                    log.warning("stream ended: %s", item)
+                    self._reject("StreamDetect", RequestError(grpc.StatusCode.INTERNAL, str(item)), context)
+                return
+            slot, pending, version, hard = item
+            yield self._finish(slot, pending.result(), version, hard)
+        self._ok("StreamDetect")
+
+    def ReportFeedback(self, request: pb.ReportFeedbackRequest, context: grpc.ServicerContext):
+        checked = []
+        try:
+            for i, item in enumerate(request.feedback):
+                field = f"feedback[{i}]"
+                served = self.monitor.lookup(item.slot_id)
+                kind = item.WhichOneof("label")
+                if kind is None:
+                    raise invalid(f"{field}: no label (set genie_bits or transport_block)")
+                if served is None:
+                    checked.append((item, None, None, "unknown"))
+                elif kind == "transport_block" and not item.transport_block.crc_ok:
+                    checked.append((item, served, None, "crc_fail"))
+                else:
+                    checked.append((item, served, *decode_feedback_bits(item, field, served.hard_bits)))
+        except RequestError as err:
+            self._reject("ReportFeedback", err, context)
+
+        response = pb.ReportFeedbackResponse()
+        for item, served, bits, source in checked:
+            self.metrics.feedback.labels("crc_ok" if source == "crc" else source).inc()
+            if bits is None:
+                response.unknown_slots += source == "unknown"
+                continue
+            errors, num_bits = int((bits != served.hard_bits).sum()), int(bits.size)
+            label = self.metrics.context_label(served.context)
+            genie = item.reference_genie_errors if item.HasField("reference_genie_errors") else None
+            window = self.monitor.record(label, errors, num_bits, genie)
+            self.metrics.feedback_bits.labels(label).inc(num_bits)
+            self.metrics.feedback_bit_errors.labels(label).inc(errors)
+            self.metrics.context_ber.labels(label).set(window.ber)
+            if self.worker is not None:
+                self.worker.observe(served.context, served.model_version, errors, num_bits)
+                self.worker.consider(served.context, self.target_rule.is_target(window))
+            if self.store is not None:
+                self.store.label(SlotLabel(item.slot_id, bits, source, errors, num_bits, genie,
+                                           item.reference_ls_lmmse_errors
+                                           if item.HasField("reference_ls_lmmse_errors") else None))
+            response.accepted += 1
+            response.errors.add(slot_id=item.slot_id, context=served.context, bit_errors=errors,
+                                num_bits=num_bits, model_version=served.model_version)
+        self._ok("ReportFeedback")
+        return response

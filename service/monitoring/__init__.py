@@ -1,0 +1,1 @@
+"""Feedback monitoring: per-context BER windows, targets and label-free estimates."""

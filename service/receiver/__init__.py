@@ -1,0 +1,1 @@
+"""DeepRx itself: model, featurizer, loss, training, evaluation and checkpoints; knows nothing of serving."""
