@@ -5,50 +5,55 @@ import argparse
 import sys
 from pathlib import Path
 
-from schema.scenario import PRESETS, ScenarioError, parse_scenario
+from schema.scenario import GRIDS, PRESETS, ScenarioError, parse_scenario
 
 SCENARIO_HELP = (
     "scenario spec such as 'channel=TDL-E,delay_spread=300,speed=60:120,snr=5:15,dmrs=0,"
     "mod=16qam,prb=4,rx=2' (delay spread ns, speed m/s, SNR dB; a:b draws uniformly, "
-    f"A|B picks one) or a preset: {', '.join(PRESETS)}"
+    f"A|B picks one) or a preset: {', '.join(PRESETS)}; 'simulate' also takes the stratified "
+    f"grid{'s' if len(GRIDS) > 1 else ''} {', '.join(GRIDS)} (--slots split evenly over its cells)"
 )
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    import math
+
     from tqdm import tqdm
 
     from client.simulator import SlotSimulator
     from schema.dataset import SlotWriter
 
-    scenario = parse_scenario(args.scenario)
-    simulator = SlotSimulator(scenario, seed=args.seed, group_size=args.group_size)
-    attrs = {"scenario": scenario.spec(), "seed": args.seed, "prb": scenario.prb, "rx": scenario.rx,
-             "scs_khz": scenario.scs_khz, "carrier_ghz": scenario.carrier_ghz, "group_size": args.group_size}
+    cells = GRIDS.get(args.scenario, [args.scenario])
+    scenarios = [parse_scenario(spec) for spec in cells]
+    first = scenarios[0]
+    per_cell = math.ceil(args.slots / len(cells))
+    attrs = {"scenario": args.scenario if len(cells) > 1 else first.spec(), "seed": args.seed, "prb": first.prb,
+             "rx": first.rx, "scs_khz": first.scs_khz, "carrier_ghz": first.carrier_ghz,
+             "group_size": args.group_size, "slots_per_cell": per_cell}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")
-    with SlotWriter(partial, attrs, scenario.rx, scenario.num_subcarriers) as writer, \
-            tqdm(total=args.slots, unit="slot", desc="simulate", disable=args.quiet) as bar:
-        for batch in simulator.batches(args.slots):
-            writer.append(batch)
-            bar.update(len(batch))
+    with SlotWriter(partial, attrs, first.rx, first.num_subcarriers) as writer, \
+            tqdm(total=per_cell * len(cells), unit="slot", desc="simulate", disable=args.quiet) as bar:
+        for cell, scenario in enumerate(scenarios):  # a grid's cells: one seed each, all derived from --seed
+            simulator = SlotSimulator(scenario, seed=args.seed * 1000 + cell if len(cells) > 1 else args.seed,
+                                      group_size=args.group_size)
+            for batch in simulator.batches(per_cell):
+                writer.append(batch)
+                bar.update(len(batch))
     partial.replace(args.out)  # a crash leaves only the .partial file, never a truncated dataset
     if not args.quiet:
-        print(f"wrote {args.slots} slots of '{scenario.spec()}' to {args.out}")
+        print(f"wrote {per_cell * len(cells)} slots of '{attrs['scenario']}' to {args.out}")
     return 0
 
 
-def _channel(server: str, wait_s: float = 30.0):
-    """A channel to ``server``, once it answers (a service that is still starting gets ``wait_s``)."""
-    import grpc
+def _channel(args: argparse.Namespace):
+    """A channel to ``--server`` with the TLS and token options of ``_server_arguments``."""
+    import os
 
-    channel = grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                                                     ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    try:
-        grpc.channel_ready_future(channel).result(timeout=wait_s)
-    except grpc.FutureTimeoutError:
-        channel.close()
-        raise ConnectionError(f"no receiver service answered at {server} within {wait_s:g} s") from None
-    return channel
+    from client.connection import connect
+
+    return connect(args.server, args.connect_timeout, args.token or os.environ.get("DEEPRX_ADMIN_TOKEN", ""),
+                   args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _load_or_simulate(args: argparse.Namespace):
@@ -80,7 +85,7 @@ def _stream(args: argparse.Namespace) -> int:
         raise ScenarioError("give --slots with --scenario")
     slots, scs_khz = _load_or_simulate(args)
     crc_passed = None
-    with _channel(args.server, args.connect_timeout) as channel:
+    with _channel(args) as channel:
         report, results = stream_slots(channel, slots, args.context, streams=args.streams, rate=args.rate,
                                        prefix=args.prefix, window=args.window)
         feedback = None
@@ -122,7 +127,7 @@ def _call(args: argparse.Namespace, method: str, request):
     """One RPC on the service named by ``--server``."""
     from proto import receiver_pb2_grpc as pb_grpc
 
-    with _channel(args.server, args.connect_timeout) as channel:
+    with _channel(args) as channel:
         return getattr(pb_grpc.ReceiverStub(channel), method)(request, timeout=args.timeout)
 
 
@@ -169,11 +174,12 @@ def _adapt(args: argparse.Namespace) -> int:
     from proto import receiver_pb2_grpc as pb_grpc
 
     options = dict(item.split("=", 1) for item in args.option)
-    with _channel(args.server, args.connect_timeout) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.ReceiverStub(channel)
         job = stub.TriggerAdaptation(pb.AdaptationRequest(context=args.context or "", slot_ids=args.slot_ids,
-                                                          method=args.method, options=options), timeout=args.timeout)
-        print(f"queued {job.job_id} ({job.method} on '{job.context}')")
+                                                          method=args.method, options=options,
+                                                          global_update=args.global_update), timeout=args.timeout)
+        print(f"queued {job.job_id} ({job.method} on '{job.context}', scope {job.scope})")
         if not args.wait:
             return 0
         running = (pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING)
@@ -182,6 +188,7 @@ def _adapt(args: argparse.Namespace) -> int:
                 time.sleep(0.5)
                 job = stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id), timeout=args.timeout)
                 bar.update(round(job.progress * 100) - bar.n)
+                bar.set_postfix_str(job.stage)
     state = pb.AdaptationJob.State.Name(job.state)
     print(f"{job.job_id}: {state}; held-out target BER {job.ber_before:.5f} -> {job.ber_after:.5f}; "
           f"regression BER {job.regression_ber_before:.5f} -> {job.regression_ber_after:.5f}")
@@ -189,6 +196,8 @@ def _adapt(args: argparse.Namespace) -> int:
         print(f"version {job.new_version} ({'active' if state == 'ACCEPTED' else 'kept, not served'}); "
               f"selected: {job.selected_summary or '-'}")
     print(job.message)
+    if job.stage_seconds:
+        print("stages: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in job.stage_seconds.items()))
     return 0 if state in ("ACCEPTED", "REJECTED") else 1
 
 
@@ -197,6 +206,14 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=30.0,
                         help="seconds to wait for the service to answer")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-RPC timeout in seconds")
+    parser.add_argument("--token", metavar="TOKEN", help="admin token, sent as 'authorization: Bearer TOKEN' on every call "
+                                        "(default: $DEEPRX_ADMIN_TOKEN); activate and adapt need it when the "
+                                        "service has one, every command when it protects reads too")
+    parser.add_argument("--tls-ca", dest="tls_ca", type=Path, metavar="PEM",
+                        help="PEM CA of the server's certificate: connect over TLS (default: plaintext)")
+    parser.add_argument("--tls-cert", dest="tls_cert", type=Path, metavar="PEM",
+                        help="PEM client certificate for a service that requires one (mutual TLS)")
+    parser.add_argument("--tls-key", dest="tls_key", type=Path, metavar="PEM", help="PEM private key of --tls-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="job option: k, steps, learning_rate, replay, curvature (repeatable)")
     adapt.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    adapt.add_argument("--global", dest="global_update", action="store_true",
+                       help="publish for every context (gated on the training-mix regression set) instead of a "
+                            "version scoped to --context")
     adapt.set_defaults(run=_adapt)
 
     activate = commands.add_parser("activate", help="switch the service to (or roll back to) a stored version")
@@ -280,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"deeprx-client: error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
-    except (ConnectionError, FileNotFoundError) as err:
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
         print(f"deeprx-client: error: {err}", file=sys.stderr)
         return 1
 

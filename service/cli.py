@@ -7,6 +7,10 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.config import ServerConfig
 
 
 def _set_threads(threads: int | None) -> None:
@@ -36,16 +40,37 @@ def _eval(args: argparse.Namespace) -> int:
     if slots.y.shape[1] != checkpoint.model.config.rx:
         raise ValueError(f"the model expects {checkpoint.model.config.rx} receive antennas, "
                          f"'{args.data}' has {slots.y.shape[1]}")
-    report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width)
+    by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
+    report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width, by=by)
+    title = f"{Path(args.model).name} on {attrs.get('scenario', args.data)}"
     if args.plot:
-        report.plot(args.plot, title=f"{Path(args.model).name} on {attrs.get('scenario', args.data)}")
+        (report.heatmap if by else report.plot)(args.plot, title=title)
     if args.json:
         print(json.dumps({**report.to_dict(), "model": str(args.model), "data": str(args.data),
                           "scenario": str(attrs.get("scenario", ""))}))
     else:
         print(f"model {args.model} on {args.data} ({attrs.get('scenario', '')})")
-        print(report.table())
+        print(report.cell_table() if by else report.table())
     return 0
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's config: the TOML file, then the flags; the admin token from --admin-token, else the
+    file, else DEEPRX_ADMIN_TOKEN."""
+    import os
+
+    from service.config import ServerConfig
+
+    config = ServerConfig.from_toml(args.config) if args.config else ServerConfig()
+    config.port, config.metrics_port = args.port, args.metrics_port
+    config.host = args.host or config.host
+    config.metrics_host = args.metrics_host or config.metrics_host
+    security = config.security
+    security.admin_token = args.admin_token or security.admin_token or os.environ.get("DEEPRX_ADMIN_TOKEN", "")
+    security.tls_cert = args.tls_cert or security.tls_cert
+    security.tls_key = args.tls_key or security.tls_key
+    security.tls_client_ca = args.tls_client_ca or security.tls_client_ca
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -53,17 +78,13 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from service.config import ServerConfig
     from service.server import ReceiverServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig.from_toml(args.config) if args.config else ServerConfig()
-    config.port, config.metrics_port = args.port, args.metrics_port
-    if args.host:
-        config.host = args.host
+    config = serve_config(args)
     server = ReceiverServer(config, args.store, args.model).start()
     print(f"serving model {server.registry.active.version} on {config.host}:{server.port}, "
-          f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+          f"metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
 
     def shutdown(signum, frame):  # noqa: ARG001 - signal handler signature
         threading.Thread(target=server.stop, args=(args.grace,), daemon=True).start()
@@ -207,6 +228,8 @@ def _influence_arguments(parser: argparse.ArgumentParser, fit_slots: int) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.receiver.features import INPUTS
+    from service.receiver.model import SIZES
     from service.receiver.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="deeprx-service", description=__doc__)
@@ -219,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="HDF5 dataset from 'deeprx-client simulate'")
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it exists)")
     defaults = TrainConfig()
-    train.add_argument("--size", default=defaults.size, choices=("tiny", "small", "full"), help="model size")
+    train.add_argument("--size", default=defaults.size, choices=tuple(SIZES),
+                       help="model size: tiny (tests), small, full, or the published plain DeepRx shape")
+    train.add_argument("--inputs", default=defaults.inputs, choices=("",) + INPUTS,
+                       help="feature channels the model reads (default: the size's own; for ablations): grid = "
+                            "received grid, pilots and raw LS; classical adds Sionna's interpolated LS estimate, "
+                            "the LMMSE symbol estimate and noise levels")
     train.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps")
     train.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size)
     train.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate,
@@ -240,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     ev.add_argument("--data", type=Path, required=True, help="HDF5 dataset")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ev.add_argument("--plot", type=Path, help="write a BER-vs-SNR plot (PNG) here")
+    ev.add_argument("--plot", type=Path, help="write a BER-vs-SNR plot (PNG) here (with --by: a heatmap)")
     ev.add_argument("--bin-width", type=float, default=5.0, help="SNR bin width in dB")
+    ev.add_argument("--by", help="group by condition cells: comma-separated keys of channel, dmrs, speed, "
+                                 "delay_spread, mod (speed and delay spread in bins); the table then has a row per "
+                                 "cell and SNR bin with error counts, --plot draws a heatmap of DeepRx / LS-LMMSE, "
+                                 "e.g. --by channel,dmrs,speed,delay_spread on a 'grid' dataset")
     ev.set_defaults(run=_eval)
 
     from service.influence.scores import NORMALISATIONS
@@ -324,7 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", dest="metrics_port", type=int, default=9100,
                        help="Prometheus /metrics port (0: any free port)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
-    serve.add_argument("--config", type=Path, help="TOML file overriding batching/limits/capture/monitor defaults")
+    serve.add_argument("--metrics-host", dest="metrics_host", metavar="HOST",
+                       help="address /metrics binds to (default 127.0.0.1: it has no authentication; 0.0.0.0 "
+                            "where Prometheus scrapes from another host or container)")
+    serve.add_argument("--admin-token", dest="admin_token", metavar="TOKEN",
+                       help="bearer token that ActivateModel, ReleaseScope and TriggerAdaptation require (clients "
+                            "send 'authorization: Bearer TOKEN'); overrides [security] admin_token and "
+                            "DEEPRX_ADMIN_TOKEN. Prefer the variable: a flag is visible in the process list. "
+                            "With no token at all these RPCs are open")
+    serve.add_argument("--tls-cert", dest="tls_cert", metavar="PEM",
+                       help="PEM server certificate (chain): with --tls-key the gRPC port speaks TLS only")
+    serve.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", dest="tls_client_ca", metavar="PEM",
+                       help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    serve.add_argument("--config", type=Path,
+                       help="TOML file overriding the defaults of service/config.py (batching, limits, capture, "
+                            "monitor, security, ...)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
     serve.set_defaults(run=_serve)
     return parser

@@ -2,9 +2,17 @@
 
 Example ``server.toml``::
 
+    metrics_host = "127.0.0.1"  # /metrics has no authentication; 0.0.0.0 only where Prometheus scrapes it
+
     [batching]
     max_batch_size = 64
     max_queue_delay_ms = 2.0
+
+    [inference]
+    backend = "auto"        # onnxruntime on CPU when installed, else torch
+
+    [models]
+    max_scoped = 16         # contexts that may have a scoped version (specialist)
 
     [limits]
     max_slots_per_request = 256
@@ -20,6 +28,13 @@ Example ``server.toml``::
     regression = "data/train-heldout.h5"
     rehearsal = "data/train.h5"
     method = "first-order"
+
+    [security]
+    admin_token = ""        # empty: --admin-token or DEEPRX_ADMIN_TOKEN; none at all: admin RPCs are open
+    protect_reads = false   # true: every RPC but the gRPC health check needs the token
+    # tls_cert = "server.pem"   # with tls_key, the gRPC port speaks TLS only
+    # tls_key = "server.key"
+    # tls_client_ca = "ca.pem"  # mutual TLS: clients need a certificate signed by this CA
 """
 from __future__ import annotations
 
@@ -28,6 +43,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from service.adaptation.worker import AdaptationConfig
+from service.serving.backend import InferenceConfig
 
 
 @dataclass
@@ -44,6 +60,7 @@ class LimitsConfig:
     max_subcarriers: int = 3300  # 275 PRB
     max_concurrent_rpcs: int = 512
     stream_window: int = 64  # slots in flight per stream before the server stops reading it
+    max_queued_slots: int = 1024  # slots waiting for a batch; beyond it slots get RESOURCE_EXHAUSTED
     workers: int = 64  # gRPC handler threads
 
 
@@ -65,6 +82,11 @@ class MonitorConfig:
 
 
 @dataclass
+class ModelsConfig:
+    max_scoped: int = 16  # contexts with a version of their own; one more is refused until one is released
+
+
+@dataclass
 class ReplicationConfig:
     registry: str = ""  # shared registry directory (default: <store>/models, not shared)
     publish: str = ""  # leader: ZeroMQ endpoint to announce activations on, e.g. tcp://0.0.0.0:5557
@@ -72,16 +94,32 @@ class ReplicationConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """Who may call what (checked in ``service/api/auth.py``); the token never appears in a repr or a log."""
+
+    admin_token: str = field(default="", repr=False)  # ActivateModel, ReleaseScope, TriggerAdaptation need it
+    protect_reads: bool = False  # true: every RPC but the gRPC health check needs the token too
+    tls_cert: str = ""  # PEM server certificate (chain); with tls_key the gRPC port speaks TLS only
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA for client certificates (mutual TLS)
+    require_client_cert: bool = True  # with tls_client_ca: false verifies a client certificate only when offered
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_host: str = "127.0.0.1"  # /metrics has no authentication: expose it only where Prometheus needs it
     metrics_port: int = 9100
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @staticmethod
     def from_toml(path: str | Path) -> "ServerConfig":
@@ -106,4 +144,6 @@ def _apply(config, values: dict, prefix: str):
                 raise ValueError(f"config key '{prefix}{key}' must be {type(current).__name__}, "
                                  f"got {type(value).__name__}")
             setattr(config, key, value)
+    if hasattr(config, "__post_init__"):
+        config.__post_init__()  # a config's own checks see the file's values too
     return config

@@ -15,19 +15,25 @@ def job_message(job) -> pb.AdaptationJob:
         context=job.context, progress=job.progress, ber_before=job.ber_before, ber_after=job.ber_after,
         new_version=job.new_version, message=job.message, regression_ber_before=job.regression_ber_before,
         regression_ber_after=job.regression_ber_after, selected_summary=job.selected_summary,
-        rolled_back=job.rolled_back)
+        rolled_back=job.rolled_back, scope=job.scope, stage=job.stage, stage_seconds=job.stage_seconds)
+
+
+def _version_name(version) -> str:
+    return version.version if version is not None else ""
 
 
 class AdaptationRpcs(RpcBase):
     def ListTargets(self, request, context) -> pb.ListTargetsResponse:
         rows = []
+        routing = self.registry.routing
         for name, window in self.monitor.windows().items():
             genie = window.genie_ber
             estimate = self.monitor.estimate(name)
             rows.append(pb.Target(context=name, ber=window.ber, genie_ber=-1.0 if genie is None else genie,
                                   slots=window.slots, is_target=self.target_rule.is_target(window),
                                   estimated_ber=-1.0 if estimate is None else estimate.expected_ber,
-                                  pilot_sinr_db=estimate.pilot_sinr_db if estimate else float("nan")))
+                                  pilot_sinr_db=estimate.pilot_sinr_db if estimate else float("nan"),
+                                  serving_version=_version_name(routing.version_for(name))))
         rows.sort(key=lambda t: (not t.is_target, -t.ber))
         self.metrics.targets.set(sum(t.is_target for t in rows))
         self._ok("ListTargets")
@@ -41,7 +47,7 @@ class AdaptationRpcs(RpcBase):
     def TriggerAdaptation(self, request: pb.AdaptationRequest, context) -> pb.AdaptationJob:
         try:
             job = self._require_worker().submit(request.context, list(request.slot_ids), request.method,
-                                                dict(request.options))
+                                                dict(request.options), request.global_update)
         except AdaptationError as err:
             self._reject("TriggerAdaptation", invalid(str(err)), context)
         except RequestError as err:

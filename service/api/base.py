@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 
 from service.adaptation.worker import AdaptationWorker
+from service.api.observer import SlotObserver
 from service.api.requests import RequestError
 from service.config import ServerConfig
 from service.monitoring.monitor import FeedbackMonitor, TargetRule
@@ -18,7 +19,7 @@ class RpcBase:
 
     def __init__(self, config: ServerConfig, registry: ModelRegistry, batcher: DynamicBatcher,
                  store: SampleStore | None, monitor: FeedbackMonitor, metrics: ServiceMetrics,
-                 worker: AdaptationWorker | None):
+                 worker: AdaptationWorker | None, observer: SlotObserver):
         self.config = config
         self.registry = registry
         self.batcher = batcher
@@ -26,6 +27,7 @@ class RpcBase:
         self.monitor = monitor
         self.metrics = metrics
         self.worker = worker
+        self.observer = observer
         self.target_rule = TargetRule(config.monitor.target_absolute_ber, config.monitor.target_relative_to_genie,
                                       config.monitor.target_min_slots)
 
