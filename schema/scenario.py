@@ -26,6 +26,20 @@ PRESETS = {
 }
 
 
+# Stratified grids: one spec per cell, the same number of slots per cell. ``grid`` is the standard
+# in-distribution grid: every training channel family x DMRS setting x a low/high speed bin x a
+# short/long delay-spread bin, all inside the ``train`` ranges, with SNR 0..30 dB.
+GRIDS = {
+    "grid": [
+        f"channel={channel},dmrs={dmrs},speed={speed},delay_spread={delay},snr=0:30,mod=16qam"
+        for channel in ("TDL-A", "TDL-B", "TDL-C", "TDL-D", "TDL-E")
+        for dmrs in (0, 1)
+        for speed in ("0:15", "15:30")
+        for delay in ("30:165", "165:300")
+    ],
+}
+
+
 class ScenarioError(ValueError):
     """A scenario spec that cannot be simulated; the message names the key."""
 

@@ -1,7 +1,11 @@
 import numpy as np
+import pytest
 import torch
+from sionna.phy.mimo import StreamManagement
+from sionna.phy.ofdm import LMMSEEqualizer
 
 from schema.dataset import read_slots
+from service.receiver.classical import PilotLayoutError, ls_channel_estimate, mrc_equalize, pusch_resource_grid
 from service.receiver.features import featurize, num_input_channels, prepare
 
 
@@ -10,17 +14,24 @@ def _slots(path):
     return slots
 
 
+def _noise(slots):
+    return torch.from_numpy(10.0 ** (-slots.snr_db / 10))
+
+
 def test_channel_layout_and_pilot_placement(train_mix_file):
     slots = _slots(train_mix_file)
     rx = slots.y.shape[1]
-    x = prepare(slots).features  # [B, 4A+2, F, S]
-    assert x.shape == (len(slots), num_input_channels(rx), slots.y.shape[3], 14)
+    x = prepare(slots).features  # [B, 6A+6, F, S]
+    assert x.shape == (len(slots), num_input_channels(rx, "classical"), slots.y.shape[3], 14)
+    assert num_input_channels(rx, "grid") == 4 * rx + 2
     pilot_re = torch.from_numpy(np.abs(slots.pilots) > 0).transpose(1, 2)  # [B, F, S]
     pilot_channels = x[:, 2 * rx:2 * rx + 2]
-    ls_channels = x[:, 2 * rx + 2:]
+    ls_channels = x[:, 2 * rx + 2:4 * rx + 2]
     assert torch.all(pilot_channels.abs().sum(1)[pilot_re] > 0)
     assert torch.all(pilot_channels.abs().sum(1)[~pilot_re] == 0)
     assert torch.all(ls_channels.abs().sum(1)[~pilot_re] == 0), "raw LS is zero off the pilots"
+    interpolated = x[:, 4 * rx + 2:6 * rx + 2]
+    assert torch.all(interpolated.abs().sum(1) > 0), "the interpolated LS estimate covers every RE"
     # pilots are exactly the slot's DMRS values
     np.testing.assert_allclose(pilot_channels[:, 0].numpy(), slots.pilots.real.transpose(0, 2, 1))
 
@@ -31,7 +42,7 @@ def test_raw_ls_is_y_times_conj_pilot_for_unit_pilots():
     phases = torch.rand(14, 12, generator=g) * 2 * torch.pi
     pilots = torch.zeros(2, 14, 12, dtype=torch.complex64)
     pilots[:, 2, ::2] = torch.polar(torch.ones(6), phases[2, ::2])  # unit-modulus DMRS on symbol 2
-    x = featurize(y, pilots)
+    x = featurize(y, pilots, torch.full((2,), 0.1))
     rms = y.abs().square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
     expected = (y / rms) * pilots[:, None].conj()
     ls = torch.complex(x[:, 6:8], x[:, 8:10]).transpose(2, 3)  # back to [B, A, S, F]
@@ -47,16 +58,83 @@ def test_raw_ls_divides_by_pilot_power_for_boosted_dmrs(train_mix_file):
     p = torch.from_numpy(slots.pilots)[:, None]
     on = p.abs() > 0
     expected = torch.where(on, y * p.conj() / p.abs().square().clamp_min(1e-9), 0).transpose(2, 3)
-    got = torch.complex(x[:, 2 * rx + 2:3 * rx + 2], x[:, 3 * rx + 2:])
+    got = torch.complex(x[:, 2 * rx + 2:3 * rx + 2], x[:, 3 * rx + 2:4 * rx + 2])
     torch.testing.assert_close(got, expected)
     assert np.allclose(np.abs(slots.pilots[np.abs(slots.pilots) > 0]) ** 2, 2.0), "Sionna boosts DMRS by 3 dB"
 
 
-def test_features_do_not_depend_on_receiver_gain(train_mix_file):
+@pytest.mark.parametrize("known_noise", [True, False])
+def test_features_do_not_depend_on_receiver_gain(train_mix_file, known_noise):
     slots = _slots(train_mix_file)
     y = torch.from_numpy(slots.y)
     p = torch.from_numpy(slots.pilots)
-    torch.testing.assert_close(featurize(3.7 * y, p), featurize(y, p), rtol=1e-5, atol=1e-5)
+    no = _noise(slots) if known_noise else torch.zeros(len(slots))
+    torch.testing.assert_close(featurize(3.7 * y, p, 3.7 ** 2 * no), featurize(y, p, no), rtol=1e-4, atol=1e-4)
+
+
+def test_classical_symbols_reproduce_the_ls_lmmse_baseline_bit_for_bit(train_mix_file):
+    """The featurizer's symbol estimate, demapped, makes exactly the stored LS-LMMSE decisions."""
+    from sionna.phy.mapping import Demapper
+
+    slots = _slots(train_mix_file)
+    rx = slots.y.shape[1]
+    x = prepare(slots).features
+    symbols = torch.complex(x[:, 4 * rx + 2 + 2 * rx], x[:, 4 * rx + 3 + 2 * rx]).transpose(1, 2)  # [B, S, F]
+    for row in range(len(slots)):
+        k = int(slots.bits_per_symbol[row])
+        data = torch.from_numpy(slots.data_mask[row])
+        decided = Demapper("maxlog", "qam", k, hard_out=True)(symbols[row][data][None], torch.tensor(0.1))
+        coded = slots.bits[row][slots.data_mask[row]][:, :k].reshape(-1)
+        assert int((decided.numpy().reshape(-1) != coded).sum()) == slots.ls_lmmse_errors[row]
+
+
+def test_closed_form_equalizer_equals_sionnas_lmmse_block(train_mix_file):
+    slots = _slots(train_mix_file)
+    rows = np.flatnonzero(slots.dmrs_additional_position == slots.dmrs_additional_position[0])
+    y, p, no = (torch.from_numpy(slots.y[rows]), torch.from_numpy(slots.pilots[rows]),
+                _noise(slots)[rows].float())
+    h, err_var = ls_channel_estimate(y, p, no)
+    x, no_eff = mrc_equalize(y, h, err_var, no)
+    grid = pusch_resource_grid(p.shape[-1], int(slots.dmrs_additional_position[0]))
+    equalizer = LMMSEEqualizer(grid, StreamManagement(np.ones([1, 1], int), 1))
+    h7 = h[:, None, :, None, None]
+    ref_x, ref_no = equalizer(y[:, None], h7, err_var[:, None, :, None, None].expand_as(h7).real, no[:, None, None])
+    data = torch.from_numpy(slots.data_mask[rows[0]])
+    torch.testing.assert_close(x[:, data], ref_x[:, 0, 0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(no_eff[:, data], ref_no[:, 0, 0], rtol=2e-3, atol=1e-5)
+
+
+def test_pilots_of_another_dmrs_sequence_give_the_same_estimate(train_mix_file):
+    """A slot whose DMRS values differ (another scrambling) is estimated with its own pilots."""
+    slots = _slots(train_mix_file)
+    y, p = torch.from_numpy(slots.y[:4]), torch.from_numpy(slots.pilots[:4])
+    rows = [r for r in range(4) if slots.dmrs_additional_position[r] == slots.dmrs_additional_position[0]]
+    y, p, no = y[rows], p[rows], _noise(slots)[rows].float()
+    rotation = torch.polar(torch.ones(p.shape), torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) * 6.3)
+    other = torch.where(p != 0, p * rotation, p)
+    y_other = torch.where((p != 0)[:, None], y * rotation[:, None], y)  # same channel, other pilot values
+    torch.testing.assert_close(ls_channel_estimate(y_other, other, no)[0], ls_channel_estimate(y, p, no)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_noise_is_estimated_from_the_pilots(high_snr_file):
+    slots = _slots(high_snr_file)
+    y, p = torch.from_numpy(slots.y), torch.from_numpy(slots.pilots)
+    known = featurize(y, p, _noise(slots))[:, -1, 0, 0]
+    estimated = featurize(y, p, torch.zeros(len(slots)))[:, -1, 0, 0]
+    assert (estimated - known).abs().median() < 0.3, "log10 noise within a factor 2 on a smooth channel"
+
+
+def test_pilots_off_a_dmrs_layout_are_refused():
+    y = torch.randn(1, 2, 14, 12, dtype=torch.complex64)
+    pilots = torch.zeros(1, 14, 12, dtype=torch.complex64)
+    pilots[:, 5, ::2] = 1
+    with pytest.raises(PilotLayoutError, match="not a PUSCH DMRS layout"):
+        featurize(y, pilots, torch.ones(1))
+    pilots = torch.zeros(1, 14, 12, dtype=torch.complex64)
+    pilots[:, 2, 1::2] = 1  # right symbol, wrong comb
+    with pytest.raises(PilotLayoutError, match="differ"):
+        featurize(y, pilots, torch.ones(1))
 
 
 def test_labels_and_valid_mask_follow_the_modulation(train_mix_file):

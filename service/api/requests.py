@@ -6,10 +6,12 @@ import time
 
 import grpc
 import numpy as np
+import torch
 
 from proto import codec
 from proto import receiver_pb2 as pb
 from schema.scenario import MODULATIONS, NUM_OFDM_SYMBOLS
+from service.receiver.classical import PilotLayoutError, check_pilot_layout
 from service.serving.slot import ReceivedSlot
 
 MAX_ID_LENGTH = 128
@@ -66,8 +68,17 @@ def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: in
         raise invalid(f"{field}.data_mask: no data REs")
     if not (np.abs(pilots) > 0).any():
         raise invalid(f"{field}.pilots: no pilot REs")
+    try:
+        check_pilot_layout(torch.from_numpy(pilots))
+    except PilotLayoutError as err:
+        raise invalid(f"{field}.pilots: {err}") from None
     return ReceivedSlot(slot.slot_id, slot.context or "default", grid, pilots, data, int(slot.modulation),
                         float(slot.noise_variance), arrival)
+
+
+def check_context(context: str, field: str) -> None:
+    if not context or len(context) > MAX_ID_LENGTH:
+        raise invalid(f"{field}: must be 1..{MAX_ID_LENGTH} characters")
 
 
 def check_slot_count(count: int, limit: int) -> None:

@@ -1,10 +1,23 @@
 """Featurizer: turns a received slot into the DeepRx input tensor and its labels.
 
-Input channels, over (subcarrier F, symbol S), in this order:
-``[Re Y (A), Im Y (A), Re P, Im P, Re H_ls (A), Im H_ls (A)]`` (``4A + 2`` channels), where
-``Y`` is the received grid scaled to unit RMS per slot (so the receiver is gain-invariant),
-``P`` the DMRS values (0 off pilots), and ``H_ls = Y * conj(P) / |P|^2`` the raw LS channel
-estimate at pilot REs (0 elsewhere). Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost).
+Input channels, over (subcarrier F, symbol S), in this order (``A`` receive antennas):
+
+====================  =====  =================================================================
+channels              count  meaning
+====================  =====  =================================================================
+Re Y, Im Y            2A     the received grid scaled to unit RMS per slot (gain invariance)
+Re P, Im P            2      the DMRS values (0 off pilots)
+Re H_raw, Im H_raw    2A     raw LS ``Y conj(P) / |P|^2`` at pilot REs, 0 elsewhere
+Re H_ls, Im H_ls      2A     Sionna's PUSCH LS estimate interpolated over the whole grid
+Re x, Im x            2      one-stream LMMSE symbol estimate from ``H_ls`` (``classical.py``)
+log10 no_eff          1      its effective noise variance
+log10 no              1      the noise variance (scaled like ``Y``)
+====================  =====  =================================================================
+
+A model reads a prefix of them: ``grid`` inputs (the published DeepRx, ``4A + 2`` channels) or
+``classical`` inputs (all ``6A + 6``). Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise
+variance comes with the slot (the simulator's, or the sender's estimate); where it is unknown (0),
+the featurizer estimates it from the pilots (``classical.pilot_noise_variance``).
 """
 from __future__ import annotations
 
@@ -15,20 +28,53 @@ import torch
 
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
+from service.receiver.classical import ls_channel_estimate, mrc_equalize, pilot_noise_variance
+
+INPUTS = ("grid", "classical")
+_LOG_FLOOR = 1e-6  # log10 features are clamped to [-6, 3]
 
 
-def num_input_channels(rx: int) -> int:
-    return 4 * rx + 2
+def num_input_channels(rx: int, inputs: str = "grid") -> int:
+    if inputs not in INPUTS:
+        raise ValueError(f"unknown model inputs '{inputs}' (one of {', '.join(INPUTS)})")
+    return 4 * rx + 2 if inputs == "grid" else 6 * rx + 6
 
 
-def featurize(y: torch.Tensor, pilots: torch.Tensor) -> torch.Tensor:
-    """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex -> features [B, 4A+2, F, S] float32."""
+def num_feature_channels(rx: int) -> int:
+    """Channels the featurizer produces (every model reads a prefix of them)."""
+    return num_input_channels(rx, INPUTS[-1])
+
+
+def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Row indices of each DMRS layout in the batch (Sionna's estimator is built per layout)."""
+    symbols = pilots.abs().sum(-1) > 0  # [B, S]
+    patterns, inverse = torch.unique(symbols, dim=0, return_inverse=True)
+    return {p: torch.nonzero(inverse == p).flatten() for p in range(len(patterns))}
+
+
+def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor) -> torch.Tensor:
+    """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown)
+    -> features [B, 6A+6, F, S] float32. Raises ``PilotLayoutError`` for pilots off a DMRS layout."""
     rms = y.abs().square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
     y = y / rms
-    pilots = pilots[:, None]
-    power = pilots.abs().square()
-    raw_ls = torch.where(power > 0, y * pilots.conj() / power.clamp_min(1e-12), torch.zeros_like(y))
-    channels = torch.cat([y.real, y.imag, pilots.real, pilots.imag, raw_ls.real, raw_ls.imag], dim=1)
+    no = torch.as_tensor(noise_variance, dtype=torch.float32) / rms.flatten().square()
+    unknown = ~(no > 0)  # 0 or NaN (a stored slot sent without one)
+    if unknown.any():
+        no = torch.where(unknown, pilot_noise_variance(y, pilots), no)
+    p = pilots[:, None]
+    power = p.abs().square()
+    raw_ls = torch.where(power > 0, y * p.conj() / power.clamp_min(1e-12), torch.zeros_like(y))
+    h = torch.zeros_like(y)
+    err_var = torch.zeros(y.shape[0], 1, *y.shape[2:])
+    for rows in _by_layout(pilots).values():
+        h[rows], err_var[rows] = ls_channel_estimate(y[rows], pilots[rows], no[rows])
+    x, no_eff = mrc_equalize(y, h, err_var, no)
+    log = lambda v: v.clamp(_LOG_FLOOR, 1e3).log10()  # noqa: E731
+    channels = torch.cat([
+        y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag,
+        h.real, h.imag, x.real[:, None].clamp(-4, 4), x.imag[:, None].clamp(-4, 4),
+        log(no_eff)[:, None], log(no)[:, None, None, None].expand(-1, 1, *y.shape[2:]),
+    ], dim=1)
     return channels.transpose(2, 3).float().contiguous()
 
 
@@ -42,7 +88,7 @@ def bit_mask(bits_per_symbol: torch.Tensor) -> torch.Tensor:
 class SlotTensors:
     """Model inputs and labels for a batch of slots, in the model's [B, C, F, S] layout."""
 
-    features: torch.Tensor  # [B, 4A+2, F, S] float32
+    features: torch.Tensor  # [B, 6A+6, F, S] float32
     bits_per_symbol: torch.Tensor  # [B] long
     labels: torch.Tensor  # [B, 6, F, S] float32 coded bits (0 where invalid)
     valid: torch.Tensor  # [B, 6, F, S] bool: data RE and bit used by the modulation
@@ -57,11 +103,14 @@ class SlotTensors:
         return SlotTensors(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def prepare(batch: SlotBatch) -> SlotTensors:
+def prepare(batch: SlotBatch, chunk: int = 2048) -> SlotTensors:
     """Featurize a batch and lay out its labels; the only place the dataset meets the model."""
     y = torch.from_numpy(np.ascontiguousarray(batch.y))
     pilots = torch.from_numpy(np.ascontiguousarray(batch.pilots))
+    no = torch.from_numpy(10.0 ** (-batch.snr_db.astype(np.float32) / 10))
+    features = torch.cat([featurize(y[i:i + chunk], pilots[i:i + chunk], no[i:i + chunk])
+                          for i in range(0, len(batch), chunk)])
     k = torch.from_numpy(batch.bits_per_symbol.astype(np.int64))
     labels = torch.from_numpy(batch.bits).permute(0, 3, 2, 1).float()  # [B, S, F, 6] -> [B, 6, F, S]
     data = torch.from_numpy(batch.data_mask).transpose(1, 2)[:, None]  # [B, 1, F, S]
-    return SlotTensors(featurize(y, pilots), k, labels.contiguous(), (data & bit_mask(k)).contiguous())
+    return SlotTensors(features, k, labels.contiguous(), (data & bit_mask(k)).contiguous())

@@ -8,7 +8,7 @@ see ``MatchedFilter``. Logits follow Sionna's LLR sign: ``log P(b=1) / P(b=0)``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -24,19 +24,22 @@ _FULL_DILATIONS = ((1, 1), (1, 1), (2, 3), (2, 3), (2, 3), (3, 6), (2, 3), (2, 3
 @dataclass(frozen=True)
 class DeepRxConfig:
     """Architecture of one DeepRx; ``dilations`` are (subcarrier, symbol) per block; ``products``
-    complex estimates enter a ``MatchedFilter`` after block ``products_after`` (0 products: none)."""
+    complex estimates enter a ``MatchedFilter`` after block ``products_after`` (0 products: none);
+    ``inputs`` names the feature channels it reads (``features.INPUTS``)."""
 
     widths: tuple[int, ...]
     dilations: tuple[tuple[int, int], ...]
     rx: int = 2
     products: int = 0
     products_after: int = 0
+    inputs: str = "grid"
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.dilations):
             raise ValueError("widths and dilations must have one entry per block")
         if not 0 <= self.products_after < len(self.widths):
             raise ValueError("products_after must name a block")
+        num_input_channels(self.rx, self.inputs)  # validates inputs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,25 +47,28 @@ class DeepRxConfig:
     @staticmethod
     def from_dict(values: dict) -> "DeepRxConfig":
         return DeepRxConfig(tuple(values["widths"]), tuple(tuple(d) for d in values["dilations"]), values["rx"],
-                            values.get("products", 0), values.get("products_after", 0))
+                            values.get("products", 0), values.get("products_after", 0), values.get("inputs", "grid"))
 
 
 def _scaled(divisor: int, rx: int) -> DeepRxConfig:
     # products after block 4: its receptive field (33 subcarriers x 45 symbols) spans the pilots
-    return DeepRxConfig(tuple(w // divisor for w in _FULL_WIDTHS), _FULL_DILATIONS, rx, 32 // divisor, 4)
+    return DeepRxConfig(tuple(w // divisor for w in _FULL_WIDTHS), _FULL_DILATIONS, rx, 32 // divisor, 4, "classical")
 
 
 SIZES = {
-    "tiny": lambda rx: DeepRxConfig((8, 8), ((1, 1), (2, 3)), rx),
+    "tiny": lambda rx: DeepRxConfig((8, 8), ((1, 1), (2, 3)), rx),  # the published shape, shrunk: tests
     "small": lambda rx: _scaled(4, rx),
     "full": lambda rx: _scaled(1, rx),
+    "published": lambda rx: DeepRxConfig(_FULL_WIDTHS, _FULL_DILATIONS, rx),  # Honkala et al.: grid inputs only
 }
 
 
-def config_for(size: str, rx: int = 2) -> DeepRxConfig:
+def config_for(size: str, rx: int = 2, inputs: str | None = None) -> DeepRxConfig:
+    """The architecture of ``size``; ``inputs`` overrides its feature channels (for ablations)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}' (one of {', '.join(SIZES)})")
-    return SIZES[size](rx)
+    config = SIZES[size](rx)
+    return replace(config, inputs=inputs) if inputs else config
 
 
 class _DepthwiseSeparable(nn.Sequential):
@@ -111,13 +117,15 @@ class MatchedFilter(nn.Module):
 
 
 class DeepRx(nn.Module):
-    """features [B, 4A+2, F, S], bits_per_symbol [B] -> logits [B, 6, F, S] (unused bits are 0)."""
+    """features [B, 6A+6, F, S] (it reads the first ``num_inputs``), bits_per_symbol [B]
+    -> logits [B, 6, F, S] (unused bits are 0)."""
 
     def __init__(self, config: DeepRxConfig):
         super().__init__()
         self.config = config
         widths = config.widths
-        self.input_conv = nn.Conv2d(num_input_channels(config.rx), widths[0], 3, padding=1)
+        self.num_inputs = num_input_channels(config.rx, config.inputs)
+        self.input_conv = nn.Conv2d(self.num_inputs, widths[0], 3, padding=1)
         self.blocks = nn.Sequential(*[
             ResBlock(cin, cout, d) for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
         ])
@@ -126,7 +134,7 @@ class DeepRx(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.Conv2d(widths[-1], MAX_BITS_PER_SYMBOL, 1))
 
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
-        x = self.input_conv(features)
+        x = self.input_conv(features[:, :self.num_inputs])
         rx = self.config.rx  # features start with Re Y (rx channels), then Im Y (rx channels)
         for index, block in enumerate(self.blocks):
             x = block(x)

@@ -26,6 +26,7 @@ class TrainConfig:
     """Knobs of one training run; stored in the checkpoint so a resume continues the same run."""
 
     size: str = "small"
+    inputs: str = ""  # feature channels the model reads; empty: the size's own (features.INPUTS)
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -80,7 +81,7 @@ def train(data_path: str | Path, out_dir: str | Path, config: TrainConfig, progr
     rx = int(slots.y.shape[1])
 
     torch.manual_seed(config.seed)
-    model = DeepRx(config_for(config.size, rx))
+    model = DeepRx(config_for(config.size, rx, config.inputs or None))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start_step, history, seconds = 0, [], 0.0
     if (out_dir / "model.json").exists():
