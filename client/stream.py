@@ -119,17 +119,21 @@ def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams:
     return report, results
 
 
+def genie_feedback(slots: SlotBatch, row: int, slot_id: str) -> pb.Feedback:
+    """Row ``row``'s true coded bits (and the baselines' errors) as feedback for ``slot_id``."""
+    return pb.Feedback(slot_id=slot_id, genie_bits=codec.encode(data_bits(slots, row)),
+                       reference_genie_errors=int(slots.genie_errors[row]),
+                       reference_ls_lmmse_errors=int(slots.ls_lmmse_errors[row]))
+
+
 def send_genie_feedback(channel: grpc.Channel, slots: SlotBatch, prefix: str = "slot",
                         chunk: int = 64) -> pb.ReportFeedbackResponse:
     """Report every slot's true coded bits (and the baselines' errors) to the service."""
-    items = [pb.Feedback(slot_id=f"{prefix}-{row}", genie_bits=codec.encode(data_bits(slots, row)),
-                         reference_genie_errors=int(slots.genie_errors[row]),
-                         reference_ls_lmmse_errors=int(slots.ls_lmmse_errors[row]))
-             for row in range(len(slots))]
-    return _report_feedback(channel, items, chunk)
+    items = [genie_feedback(slots, row, f"{prefix}-{row}") for row in range(len(slots))]
+    return report_feedback(channel, items, chunk)
 
 
-def _report_feedback(channel: grpc.Channel, items: list[pb.Feedback], chunk: int) -> pb.ReportFeedbackResponse:
+def report_feedback(channel: grpc.Channel, items: list[pb.Feedback], chunk: int = 64) -> pb.ReportFeedbackResponse:
     """Send feedback ``chunk`` items per request; one response summing them all."""
     stub = pb_grpc.ReceiverStub(channel)
     total = pb.ReportFeedbackResponse()
@@ -163,4 +167,4 @@ def send_crc_feedback(channel: grpc.Channel, slots: SlotBatch, results: dict[str
                                             coded_bits=codec.encode(coded[i]) if crc_ok[i] else None)
             items.append(pb.Feedback(slot_id=f"{prefix}-{row}", transport_block=block))
         passed += int(crc_ok.sum())
-    return _report_feedback(channel, items, chunk), passed
+    return report_feedback(channel, items, chunk), passed

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/receiver.proto\x12\tdeeprx.v1\"\x85\x01\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.deeprx.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\"\xd5\x01\n\x04Slot\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x1f\n\x04grid\x18\x03 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12!\n\x06pilots\x18\x04 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12$\n\tdata_mask\x18\x05 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12)\n\nmodulation\x18\x06 \x01(\x0e\x32\x15.deeprx.v1.Modulation\x12\x16\n\x0enoise_variance\x18\x07 \x01(\x02\"\x9b\x01\n\nSlotResult\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\x1f\n\x04llrs\x18\x02 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12$\n\thard_bits\x18\x03 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x1e\n\x16server_latency_seconds\x18\x05 \x01(\x01\"I\n\rDetectRequest\x12\x1e\n\x05slots\x18\x01 \x03(\x0b\x32\x0f.deeprx.v1.Slot\x12\x18\n\x10return_hard_bits\x18\x02 \x01(\x08\"8\n\x0e\x44\x65tectResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.deeprx.v1.SlotResult\"N\n\x13StreamDetectRequest\x12\x1d\n\x04slot\x18\x01 \x01(\x0b\x32\x0f.deeprx.v1.Slot\x12\x18\n\x10return_hard_bits\x18\x02 \x01(\x08\"\x8f\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\'\n\ngenie_bits\x18\x02 \x01(\x0b\x32\x11.deeprx.v1.TensorH\x00\x12:\n\x0ftransport_block\x18\x03 \x01(\x0b\x32\x1f.deeprx.v1.TransportBlockResultH\x00\x12#\n\x16reference_genie_errors\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12&\n\x19reference_ls_lmmse_errors\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x07\n\x05labelB\x19\n\x17_reference_genie_errorsB\x1c\n\x1a_reference_ls_lmmse_errors\"M\n\x14TransportBlockResult\x12\x0e\n\x06\x63rc_ok\x18\x01 \x01(\x08\x12%\n\ncoded_bits\x18\x02 \x01(\x0b\x32\x11.deeprx.v1.Tensor\">\n\x15ReportFeedbackRequest\x12%\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x13.deeprx.v1.Feedback\"h\n\x16ReportFeedbackResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x15\n\runknown_slots\x18\x02 \x01(\x05\x12%\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x15.deeprx.v1.SlotErrors\"k\n\nSlotErrors\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x12\n\nbit_errors\x18\x03 \x01(\x03\x12\x10\n\x08num_bits\x18\x04 \x01(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xe4\x01\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x0f\n\x07\x63reator\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\t\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.deeprx.v1.ModelInfo.MetricsEntry\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x0c\n\x04size\x18\x07 \x01(\t\x12\x12\n\nparameters\x18\x08 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.deeprx.v1.ModelInfo\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\t\"\'\n\x14\x41\x63tivateModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xb2\x01\n\x11\x41\x64\x61ptationRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x10\n\x08slot_ids\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12:\n\x07options\x18\x04 \x03(\x0b\x32).deeprx.v1.AdaptationRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x03\n\rAdaptationJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.deeprx.v1.AdaptationJob.State\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\t\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x12\n\nber_before\x18\x06 \x01(\x01\x12\x11\n\tber_after\x18\x07 \x01(\x01\x12\x13\n\x0bnew_version\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x1d\n\x15regression_ber_before\x18\n \x01(\x01\x12\x1c\n\x14regression_ber_after\x18\x0b \x01(\x01\x12\x18\n\x10selected_summary\x18\x0c \x01(\t\x12\x13\n\x0brolled_back\x18\r \x01(\x08\"_\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\"\x89\x01\n\x06Target\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0b\n\x03\x62\x65r\x18\x02 \x01(\x01\x12\x11\n\tgenie_ber\x18\x03 \x01(\x01\x12\r\n\x05slots\x18\x04 \x01(\x03\x12\x11\n\tis_target\x18\x05 \x01(\x08\x12\x15\n\restimated_ber\x18\x06 \x01(\x01\x12\x15\n\rpilot_sinr_db\x18\x07 \x01(\x01\"\x14\n\x12ListTargetsRequest\":\n\x13ListTargetsResponse\x12#\n\x08\x63ontexts\x18\x01 \x03(\x0b\x32\x11.deeprx.v1.Target\"&\n\x14GetAdaptationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x18\n\x16ListAdaptationsRequest\"A\n\x17ListAdaptationsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.deeprx.v1.AdaptationJob*H\n\nModulation\x12\x1a\n\x16MODULATION_UNSPECIFIED\x10\x00\x12\x08\n\x04QPSK\x10\x02\x12\t\n\x05QAM16\x10\x04\x12\t\n\x05QAM64\x10\x06\x32\xfd\x05\n\x08Receiver\x12=\n\x06\x44\x65tect\x12\x18.deeprx.v1.DetectRequest\x1a\x19.deeprx.v1.DetectResponse\x12I\n\x0cStreamDetect\x12\x1e.deeprx.v1.StreamDetectRequest\x1a\x15.deeprx.v1.SlotResult(\x01\x30\x01\x12U\n\x0eReportFeedback\x12 .deeprx.v1.ReportFeedbackRequest\x1a!.deeprx.v1.ReportFeedbackResponse\x12<\n\x08GetModel\x12\x1a.deeprx.v1.GetModelRequest\x1a\x14.deeprx.v1.ModelInfo\x12I\n\nListModels\x12\x1c.deeprx.v1.ListModelsRequest\x1a\x1d.deeprx.v1.ListModelsResponse\x12\x46\n\rActivateModel\x12\x1f.deeprx.v1.ActivateModelRequest\x1a\x14.deeprx.v1.ModelInfo\x12L\n\x0bListTargets\x12\x1d.deeprx.v1.ListTargetsRequest\x1a\x1e.deeprx.v1.ListTargetsResponse\x12K\n\x11TriggerAdaptation\x12\x1c.deeprx.v1.AdaptationRequest\x1a\x18.deeprx.v1.AdaptationJob\x12J\n\rGetAdaptation\x12\x1f.deeprx.v1.GetAdaptationRequest\x1a\x18.deeprx.v1.AdaptationJob\x12X\n\x0fListAdaptations\x12!.deeprx.v1.ListAdaptationsRequest\x1a\".deeprx.v1.ListAdaptationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/receiver.proto\x12\tdeeprx.v1\"\x85\x01\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.deeprx.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\"\xd5\x01\n\x04Slot\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x1f\n\x04grid\x18\x03 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12!\n\x06pilots\x18\x04 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12$\n\tdata_mask\x18\x05 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12)\n\nmodulation\x18\x06 \x01(\x0e\x32\x15.deeprx.v1.Modulation\x12\x16\n\x0enoise_variance\x18\x07 \x01(\x02\"\x9b\x01\n\nSlotResult\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\x1f\n\x04llrs\x18\x02 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12$\n\thard_bits\x18\x03 \x01(\x0b\x32\x11.deeprx.v1.Tensor\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x1e\n\x16server_latency_seconds\x18\x05 \x01(\x01\"I\n\rDetectRequest\x12\x1e\n\x05slots\x18\x01 \x03(\x0b\x32\x0f.deeprx.v1.Slot\x12\x18\n\x10return_hard_bits\x18\x02 \x01(\x08\"8\n\x0e\x44\x65tectResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.deeprx.v1.SlotResult\"N\n\x13StreamDetectRequest\x12\x1d\n\x04slot\x18\x01 \x01(\x0b\x32\x0f.deeprx.v1.Slot\x12\x18\n\x10return_hard_bits\x18\x02 \x01(\x08\"\x8f\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\'\n\ngenie_bits\x18\x02 \x01(\x0b\x32\x11.deeprx.v1.TensorH\x00\x12:\n\x0ftransport_block\x18\x03 \x01(\x0b\x32\x1f.deeprx.v1.TransportBlockResultH\x00\x12#\n\x16reference_genie_errors\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12&\n\x19reference_ls_lmmse_errors\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x07\n\x05labelB\x19\n\x17_reference_genie_errorsB\x1c\n\x1a_reference_ls_lmmse_errors\"M\n\x14TransportBlockResult\x12\x0e\n\x06\x63rc_ok\x18\x01 \x01(\x08\x12%\n\ncoded_bits\x18\x02 \x01(\x0b\x32\x11.deeprx.v1.Tensor\">\n\x15ReportFeedbackRequest\x12%\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x13.deeprx.v1.Feedback\"h\n\x16ReportFeedbackResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x15\n\runknown_slots\x18\x02 \x01(\x05\x12%\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x15.deeprx.v1.SlotErrors\"k\n\nSlotErrors\x12\x0f\n\x07slot_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x12\n\nbit_errors\x18\x03 \x01(\x03\x12\x10\n\x08num_bits\x18\x04 \x01(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x92\x02\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x0f\n\x07\x63reator\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\t\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.deeprx.v1.ModelInfo.MetricsEntry\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x0c\n\x04size\x18\x07 \x01(\t\x12\x12\n\nparameters\x18\x08 \x01(\x03\x12\x17\n\x0fscoped_contexts\x18\t \x03(\t\x12\x13\n\x0b\x61\x64\x61pted_for\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"3\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\xd5\x01\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.deeprx.v1.ModelInfo\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\t\x12J\n\x0fscoped_versions\x18\x03 \x03(\x0b\x32\x31.deeprx.v1.ListModelsResponse.ScopedVersionsEntry\x1a\x35\n\x13ScopedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x14\x41\x63tivateModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"&\n\x13ReleaseScopeRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\"A\n\x14ReleaseScopeResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x17\n\x0fserving_version\x18\x02 \x01(\t\"\xc9\x01\n\x11\x41\x64\x61ptationRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x10\n\x08slot_ids\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12:\n\x07options\x18\x04 \x03(\x0b\x32).deeprx.v1.AdaptationRequest.OptionsEntry\x12\x15\n\rglobal_update\x18\x05 \x01(\x08\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x04\n\rAdaptationJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.deeprx.v1.AdaptationJob.State\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\t\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x12\n\nber_before\x18\x06 \x01(\x01\x12\x11\n\tber_after\x18\x07 \x01(\x01\x12\x13\n\x0bnew_version\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x1d\n\x15regression_ber_before\x18\n \x01(\x01\x12\x1c\n\x14regression_ber_after\x18\x0b \x01(\x01\x12\x18\n\x10selected_summary\x18\x0c \x01(\t\x12\x13\n\x0brolled_back\x18\r \x01(\x08\x12\r\n\x05scope\x18\x0e \x01(\t\x12\r\n\x05stage\x18\x0f \x01(\t\x12\x41\n\rstage_seconds\x18\x10 \x03(\x0b\x32*.deeprx.v1.AdaptationJob.StageSecondsEntry\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"_\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\"\xa2\x01\n\x06Target\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0b\n\x03\x62\x65r\x18\x02 \x01(\x01\x12\x11\n\tgenie_ber\x18\x03 \x01(\x01\x12\r\n\x05slots\x18\x04 \x01(\x03\x12\x11\n\tis_target\x18\x05 \x01(\x08\x12\x15\n\restimated_ber\x18\x06 \x01(\x01\x12\x15\n\rpilot_sinr_db\x18\x07 \x01(\x01\x12\x17\n\x0fserving_version\x18\x08 \x01(\t\"\x14\n\x12ListTargetsRequest\":\n\x13ListTargetsResponse\x12#\n\x08\x63ontexts\x18\x01 \x03(\x0b\x32\x11.deeprx.v1.Target\"&\n\x14GetAdaptationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x18\n\x16ListAdaptationsRequest\"A\n\x17ListAdaptationsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.deeprx.v1.AdaptationJob*H\n\nModulation\x12\x1a\n\x16MODULATION_UNSPECIFIED\x10\x00\x12\x08\n\x04QPSK\x10\x02\x12\t\n\x05QAM16\x10\x04\x12\t\n\x05QAM64\x10\x06\x32\xce\x06\n\x08Receiver\x12=\n\x06\x44\x65tect\x12\x18.deeprx.v1.DetectRequest\x1a\x19.deeprx.v1.DetectResponse\x12I\n\x0cStreamDetect\x12\x1e.deeprx.v1.StreamDetectRequest\x1a\x15.deeprx.v1.SlotResult(\x01\x30\x01\x12U\n\x0eReportFeedback\x12 .deeprx.v1.ReportFeedbackRequest\x1a!.deeprx.v1.ReportFeedbackResponse\x12<\n\x08GetModel\x12\x1a.deeprx.v1.GetModelRequest\x1a\x14.deeprx.v1.ModelInfo\x12I\n\nListModels\x12\x1c.deeprx.v1.ListModelsRequest\x1a\x1d.deeprx.v1.ListModelsResponse\x12\x46\n\rActivateModel\x12\x1f.deeprx.v1.ActivateModelRequest\x1a\x14.deeprx.v1.ModelInfo\x12O\n\x0cReleaseScope\x12\x1e.deeprx.v1.ReleaseScopeRequest\x1a\x1f.deeprx.v1.ReleaseScopeResponse\x12L\n\x0bListTargets\x12\x1d.deeprx.v1.ListTargetsRequest\x1a\x1e.deeprx.v1.ListTargetsResponse\x12K\n\x11TriggerAdaptation\x12\x1c.deeprx.v1.AdaptationRequest\x1a\x18.deeprx.v1.AdaptationJob\x12J\n\rGetAdaptation\x12\x1f.deeprx.v1.GetAdaptationRequest\x1a\x18.deeprx.v1.AdaptationJob\x12X\n\x0fListAdaptations\x12!.deeprx.v1.ListAdaptationsRequest\x1a\".deeprx.v1.ListAdaptationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_LISTMODELSRESPONSE_SCOPEDVERSIONSENTRY']._loaded_options = None
+  _globals['_LISTMODELSRESPONSE_SCOPEDVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_ADAPTATIONREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_ADAPTATIONREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_MODULATION']._serialized_start=2753
-  _globals['_MODULATION']._serialized_end=2825
+  _globals['_ADAPTATIONJOB_STAGESECONDSENTRY']._loaded_options = None
+  _globals['_ADAPTATIONJOB_STAGESECONDSENTRY']._serialized_options = b'8\001'
+  _globals['_MODULATION']._serialized_start=3270
+  _globals['_MODULATION']._serialized_end=3342
   _globals['_TENSOR']._serialized_start=36
   _globals['_TENSOR']._serialized_end=169
   _globals['_TENSOR_DTYPE']._serialized_start=115
@@ -62,37 +66,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLOTERRORS']._serialized_start=1281
   _globals['_SLOTERRORS']._serialized_end=1388
   _globals['_MODELINFO']._serialized_start=1391
-  _globals['_MODELINFO']._serialized_end=1619
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1573
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1619
-  _globals['_GETMODELREQUEST']._serialized_start=1621
-  _globals['_GETMODELREQUEST']._serialized_end=1655
-  _globals['_LISTMODELSREQUEST']._serialized_start=1657
-  _globals['_LISTMODELSREQUEST']._serialized_end=1676
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1678
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1760
-  _globals['_ACTIVATEMODELREQUEST']._serialized_start=1762
-  _globals['_ACTIVATEMODELREQUEST']._serialized_end=1801
-  _globals['_ADAPTATIONREQUEST']._serialized_start=1804
-  _globals['_ADAPTATIONREQUEST']._serialized_end=1982
-  _globals['_ADAPTATIONREQUEST_OPTIONSENTRY']._serialized_start=1936
-  _globals['_ADAPTATIONREQUEST_OPTIONSENTRY']._serialized_end=1982
-  _globals['_ADAPTATIONJOB']._serialized_start=1985
-  _globals['_ADAPTATIONJOB']._serialized_end=2396
-  _globals['_ADAPTATIONJOB_STATE']._serialized_start=2301
-  _globals['_ADAPTATIONJOB_STATE']._serialized_end=2396
-  _globals['_TARGET']._serialized_start=2399
-  _globals['_TARGET']._serialized_end=2536
-  _globals['_LISTTARGETSREQUEST']._serialized_start=2538
-  _globals['_LISTTARGETSREQUEST']._serialized_end=2558
-  _globals['_LISTTARGETSRESPONSE']._serialized_start=2560
-  _globals['_LISTTARGETSRESPONSE']._serialized_end=2618
-  _globals['_GETADAPTATIONREQUEST']._serialized_start=2620
-  _globals['_GETADAPTATIONREQUEST']._serialized_end=2658
-  _globals['_LISTADAPTATIONSREQUEST']._serialized_start=2660
-  _globals['_LISTADAPTATIONSREQUEST']._serialized_end=2684
-  _globals['_LISTADAPTATIONSRESPONSE']._serialized_start=2686
-  _globals['_LISTADAPTATIONSRESPONSE']._serialized_end=2751
-  _globals['_RECEIVER']._serialized_start=2828
-  _globals['_RECEIVER']._serialized_end=3593
+  _globals['_MODELINFO']._serialized_end=1665
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1619
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1665
+  _globals['_GETMODELREQUEST']._serialized_start=1667
+  _globals['_GETMODELREQUEST']._serialized_end=1718
+  _globals['_LISTMODELSREQUEST']._serialized_start=1720
+  _globals['_LISTMODELSREQUEST']._serialized_end=1739
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1742
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1955
+  _globals['_LISTMODELSRESPONSE_SCOPEDVERSIONSENTRY']._serialized_start=1902
+  _globals['_LISTMODELSRESPONSE_SCOPEDVERSIONSENTRY']._serialized_end=1955
+  _globals['_ACTIVATEMODELREQUEST']._serialized_start=1957
+  _globals['_ACTIVATEMODELREQUEST']._serialized_end=2013
+  _globals['_RELEASESCOPEREQUEST']._serialized_start=2015
+  _globals['_RELEASESCOPEREQUEST']._serialized_end=2053
+  _globals['_RELEASESCOPERESPONSE']._serialized_start=2055
+  _globals['_RELEASESCOPERESPONSE']._serialized_end=2120
+  _globals['_ADAPTATIONREQUEST']._serialized_start=2123
+  _globals['_ADAPTATIONREQUEST']._serialized_end=2324
+  _globals['_ADAPTATIONREQUEST_OPTIONSENTRY']._serialized_start=2278
+  _globals['_ADAPTATIONREQUEST_OPTIONSENTRY']._serialized_end=2324
+  _globals['_ADAPTATIONJOB']._serialized_start=2327
+  _globals['_ADAPTATIONJOB']._serialized_end=2888
+  _globals['_ADAPTATIONJOB_STAGESECONDSENTRY']._serialized_start=2740
+  _globals['_ADAPTATIONJOB_STAGESECONDSENTRY']._serialized_end=2791
+  _globals['_ADAPTATIONJOB_STATE']._serialized_start=2793
+  _globals['_ADAPTATIONJOB_STATE']._serialized_end=2888
+  _globals['_TARGET']._serialized_start=2891
+  _globals['_TARGET']._serialized_end=3053
+  _globals['_LISTTARGETSREQUEST']._serialized_start=3055
+  _globals['_LISTTARGETSREQUEST']._serialized_end=3075
+  _globals['_LISTTARGETSRESPONSE']._serialized_start=3077
+  _globals['_LISTTARGETSRESPONSE']._serialized_end=3135
+  _globals['_GETADAPTATIONREQUEST']._serialized_start=3137
+  _globals['_GETADAPTATIONREQUEST']._serialized_end=3175
+  _globals['_LISTADAPTATIONSREQUEST']._serialized_start=3177
+  _globals['_LISTADAPTATIONSREQUEST']._serialized_end=3201
+  _globals['_LISTADAPTATIONSRESPONSE']._serialized_start=3203
+  _globals['_LISTADAPTATIONSRESPONSE']._serialized_end=3268
+  _globals['_RECEIVER']._serialized_start=3345
+  _globals['_RECEIVER']._serialized_end=4191
 # @@protoc_insertion_point(module_scope)

@@ -143,7 +143,7 @@ class SlotErrors(_message.Message):
     def __init__(self, slot_id: _Optional[str] = ..., context: _Optional[str] = ..., bit_errors: _Optional[int] = ..., num_bits: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("version", "parent", "creator", "created", "metrics", "active", "size", "parameters")
+    __slots__ = ("version", "parent", "creator", "created", "metrics", "active", "size", "parameters", "scoped_contexts", "adapted_for")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,8 @@ class ModelInfo(_message.Message):
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SCOPED_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_FOR_FIELD_NUMBER: _ClassVar[int]
     version: str
     parent: str
     creator: str
@@ -167,34 +169,63 @@ class ModelInfo(_message.Message):
     active: bool
     size: str
     parameters: int
-    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., creator: _Optional[str] = ..., created: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., active: _Optional[bool] = ..., size: _Optional[str] = ..., parameters: _Optional[int] = ...) -> None: ...
+    scoped_contexts: _containers.RepeatedScalarFieldContainer[str]
+    adapted_for: str
+    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., creator: _Optional[str] = ..., created: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., active: _Optional[bool] = ..., size: _Optional[str] = ..., parameters: _Optional[int] = ..., scoped_contexts: _Optional[_Iterable[str]] = ..., adapted_for: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "context")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    context: str
+    def __init__(self, version: _Optional[str] = ..., context: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "active_version")
+    __slots__ = ("models", "active_version", "scoped_versions")
+    class ScopedVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCOPED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     active_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., active_version: _Optional[str] = ...) -> None: ...
+    scoped_versions: _containers.ScalarMap[str, str]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., active_version: _Optional[str] = ..., scoped_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ActivateModelRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "context")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    context: str
+    def __init__(self, version: _Optional[str] = ..., context: _Optional[str] = ...) -> None: ...
+
+class ReleaseScopeRequest(_message.Message):
+    __slots__ = ("context",)
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    context: str
+    def __init__(self, context: _Optional[str] = ...) -> None: ...
+
+class ReleaseScopeResponse(_message.Message):
+    __slots__ = ("released", "serving_version")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    serving_version: str
+    def __init__(self, released: _Optional[bool] = ..., serving_version: _Optional[str] = ...) -> None: ...
 
 class AdaptationRequest(_message.Message):
-    __slots__ = ("context", "slot_ids", "method", "options")
+    __slots__ = ("context", "slot_ids", "method", "options", "global_update")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -206,14 +237,16 @@ class AdaptationRequest(_message.Message):
     SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_UPDATE_FIELD_NUMBER: _ClassVar[int]
     context: str
     slot_ids: _containers.RepeatedScalarFieldContainer[str]
     method: str
     options: _containers.ScalarMap[str, str]
-    def __init__(self, context: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    global_update: bool
+    def __init__(self, context: _Optional[str] = ..., slot_ids: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., global_update: _Optional[bool] = ...) -> None: ...
 
 class AdaptationJob(_message.Message):
-    __slots__ = ("job_id", "state", "method", "context", "progress", "ber_before", "ber_after", "new_version", "message", "regression_ber_before", "regression_ber_after", "selected_summary", "rolled_back")
+    __slots__ = ("job_id", "state", "method", "context", "progress", "ber_before", "ber_after", "new_version", "message", "regression_ber_before", "regression_ber_after", "selected_summary", "rolled_back", "scope", "stage", "stage_seconds")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[AdaptationJob.State]
@@ -228,6 +261,13 @@ class AdaptationJob(_message.Message):
     ACCEPTED: AdaptationJob.State
     REJECTED: AdaptationJob.State
     FAILED: AdaptationJob.State
+    class StageSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +281,9 @@ class AdaptationJob(_message.Message):
     REGRESSION_BER_AFTER_FIELD_NUMBER: _ClassVar[int]
     SELECTED_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: AdaptationJob.State
     method: str
@@ -254,10 +297,13 @@ class AdaptationJob(_message.Message):
     regression_ber_after: float
     selected_summary: str
     rolled_back: bool
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[AdaptationJob.State, str]] = ..., method: _Optional[str] = ..., context: _Optional[str] = ..., progress: _Optional[float] = ..., ber_before: _Optional[float] = ..., ber_after: _Optional[float] = ..., new_version: _Optional[str] = ..., message: _Optional[str] = ..., regression_ber_before: _Optional[float] = ..., regression_ber_after: _Optional[float] = ..., selected_summary: _Optional[str] = ..., rolled_back: _Optional[bool] = ...) -> None: ...
+    scope: str
+    stage: str
+    stage_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[AdaptationJob.State, str]] = ..., method: _Optional[str] = ..., context: _Optional[str] = ..., progress: _Optional[float] = ..., ber_before: _Optional[float] = ..., ber_after: _Optional[float] = ..., new_version: _Optional[str] = ..., message: _Optional[str] = ..., regression_ber_before: _Optional[float] = ..., regression_ber_after: _Optional[float] = ..., selected_summary: _Optional[str] = ..., rolled_back: _Optional[bool] = ..., scope: _Optional[str] = ..., stage: _Optional[str] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("context", "ber", "genie_ber", "slots", "is_target", "estimated_ber", "pilot_sinr_db")
+    __slots__ = ("context", "ber", "genie_ber", "slots", "is_target", "estimated_ber", "pilot_sinr_db", "serving_version")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     BER_FIELD_NUMBER: _ClassVar[int]
     GENIE_BER_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +311,7 @@ class Target(_message.Message):
     IS_TARGET_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BER_FIELD_NUMBER: _ClassVar[int]
     PILOT_SINR_DB_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     context: str
     ber: float
     genie_ber: float
@@ -272,7 +319,8 @@ class Target(_message.Message):
     is_target: bool
     estimated_ber: float
     pilot_sinr_db: float
-    def __init__(self, context: _Optional[str] = ..., ber: _Optional[float] = ..., genie_ber: _Optional[float] = ..., slots: _Optional[int] = ..., is_target: _Optional[bool] = ..., estimated_ber: _Optional[float] = ..., pilot_sinr_db: _Optional[float] = ...) -> None: ...
+    serving_version: str
+    def __init__(self, context: _Optional[str] = ..., ber: _Optional[float] = ..., genie_ber: _Optional[float] = ..., slots: _Optional[int] = ..., is_target: _Optional[bool] = ..., estimated_ber: _Optional[float] = ..., pilot_sinr_db: _Optional[float] = ..., serving_version: _Optional[str] = ...) -> None: ...
 
 class ListTargetsRequest(_message.Message):
     __slots__ = ()

@@ -64,6 +64,11 @@ class ReceiverStub:
                 request_serializer=proto_dot_receiver__pb2.ActivateModelRequest.SerializeToString,
                 response_deserializer=proto_dot_receiver__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ReleaseScope = channel.unary_unary(
+                '/deeprx.v1.Receiver/ReleaseScope',
+                request_serializer=proto_dot_receiver__pb2.ReleaseScopeRequest.SerializeToString,
+                response_deserializer=proto_dot_receiver__pb2.ReleaseScopeResponse.FromString,
+                _registered_method=True)
         self.ListTargets = channel.unary_unary(
                 '/deeprx.v1.Receiver/ListTargets',
                 request_serializer=proto_dot_receiver__pb2.ListTargetsRequest.SerializeToString,
@@ -125,6 +130,12 @@ class ReceiverServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseScope(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTargets(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -181,6 +192,11 @@ def add_ReceiverServicer_to_server(servicer, server):
                     servicer.ActivateModel,
                     request_deserializer=proto_dot_receiver__pb2.ActivateModelRequest.FromString,
                     response_serializer=proto_dot_receiver__pb2.ModelInfo.SerializeToString,
+            ),
+            'ReleaseScope': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseScope,
+                    request_deserializer=proto_dot_receiver__pb2.ReleaseScopeRequest.FromString,
+                    response_serializer=proto_dot_receiver__pb2.ReleaseScopeResponse.SerializeToString,
             ),
             'ListTargets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTargets,
@@ -365,6 +381,33 @@ class Receiver:
             '/deeprx.v1.Receiver/ActivateModel',
             proto_dot_receiver__pb2.ActivateModelRequest.SerializeToString,
             proto_dot_receiver__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseScope(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deeprx.v1.Receiver/ReleaseScope',
+            proto_dot_receiver__pb2.ReleaseScopeRequest.SerializeToString,
+            proto_dot_receiver__pb2.ReleaseScopeResponse.FromString,
             options,
             channel_credentials,
             insecure,

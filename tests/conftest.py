@@ -79,3 +79,43 @@ def scrape(port: int) -> str:
 
     with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(store: Path, model: Path | None = None, *extra: str):
+    """``deeprx-service serve`` as a child process on 127.0.0.1 (one thread), once it is healthy:
+    for tests that kill it. Returns (process, gRPC port)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    args = [sys.executable, "-m", "service.cli", "--threads", "1", "serve", "--store", str(store),
+            "--port", str(port), "--metrics-port", "0", *extra]
+    if model is not None:
+        args += ["--model", str(model)]
+    process = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return process, port
+            except grpc.RpcError:
+                time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("server did not become healthy")

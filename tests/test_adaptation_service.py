@@ -55,6 +55,7 @@ def _wait(stub, job_id: str) -> pb.AdaptationJob:
 
 
 def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regression(tmp_path, files):
+    """A scoped job: the target context gets its own version; another context keeps v1, bit for bit."""
     server = _server(tmp_path, files, method="target-only")
     drift, _ = read_slots(files["drift"])
     try:
@@ -64,10 +65,13 @@ def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regress
             server.store.flush()
             targets = stub.ListTargets(pb.ListTargetsRequest()).contexts
             assert targets[0].context == "drift" and targets[0].is_target and targets[0].genie_ber >= 0
+            assert targets[0].serving_version == "v1"
 
-            before, _ = stream_slots(channel, drift.select(slice(48, 64)), "check", prefix="pre")
+            before, _ = stream_slots(channel, drift.select(slice(48, 64)), "drift", prefix="pre")
+            other_before: list = []
+            stream_slots(channel, drift.select(slice(48, 64)), "other", prefix="o1", on_result=other_before.append)
             job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only"))
-            assert job.state == pb.AdaptationJob.QUEUED
+            assert job.state == pb.AdaptationJob.QUEUED and job.scope == "drift"
             versions_seen: set[str] = set()
             while stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).state in (
                     pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING):  # serving goes on during the job
@@ -76,23 +80,78 @@ def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regress
                 versions_seen |= set(report.versions)
             done = _wait(stub, job.job_id)
             assert done.state == pb.AdaptationJob.ACCEPTED, done.message
-            assert done.ber_after <= done.ber_before and done.new_version == "v2"
-            assert stub.GetModel(pb.GetModelRequest()).version == "v2"
+            assert done.ber_after <= done.ber_before and done.new_version == "v2" and done.scope == "drift"
+            assert stub.GetModel(pb.GetModelRequest(context="drift")).version == "v2"
+            assert stub.GetModel(pb.GetModelRequest()).version == "v1", "the global version is untouched"
+            models = stub.ListModels(pb.ListModelsRequest())
+            assert dict(models.scoped_versions) == {"drift": "v2"} and models.active_version == "v1"
+            assert [m.scoped_contexts for m in models.models if m.version == "v2"] == [["drift"]]
             lineage = server.registry.info("v2")
             assert lineage["parent"] == "v1" and lineage["job"] == job.job_id and lineage["accepted"]
-            after, _ = stream_slots(channel, drift.select(slice(48, 64)), "check", prefix="post")
+            assert lineage["adapted_for"] == "drift"
+            after, _ = stream_slots(channel, drift.select(slice(48, 64)), "drift", prefix="post")
             assert after.versions == {"v2": 16} and after.ber < before.ber, (before.ber, after.ber)
+            other_after: list = []
+            report, _ = stream_slots(channel, drift.select(slice(48, 64)), "other", prefix="o2",
+                                     on_result=other_after.append)
+            assert report.versions == {"v1": 16}
+            first = sorted(other_before, key=lambda r: r.slot_id[3:])
+            second = sorted(other_after, key=lambda r: r.slot_id[3:])
+            assert [r.llrs.data for r in first] == [r.llrs.data for r in second], "non-target LLRs bit-identical"
             text = scrape(server.metrics_port)
             assert re.search(r'^deeprx_adaptation_jobs_total\{method="target-only",outcome="accepted"\} 1\.0', text, re.M)
             assert re.search(r'^deeprx_adaptation_ber\{stage="after"\}', text, re.M)
+            assert re.search(r"^deeprx_scoped_versions 1\.0", text, re.M)
 
-            # live feedback on v2 says it got worse (bits inverted): the watch rolls back to v1
+            # live feedback on v2 says it got worse (bits inverted): the watch releases the scope
             stream_slots(channel, drift.select(slice(0, 16)), "drift", prefix="after")
             wrong = [pb.Feedback(slot_id=f"after-{i}", genie_bits=codec.encode(1 - data_bits(drift, i)))
                      for i in range(16)]
             stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=wrong))
-            assert stub.GetModel(pb.GetModelRequest()).version == "v1"
+            assert stub.GetModel(pb.GetModelRequest(context="drift")).version == "v1"
+            assert dict(stub.ListModels(pb.ListModelsRequest()).scoped_versions) == {}
             assert stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).rolled_back
+    finally:
+        server.stop(grace=5)
+
+
+def test_global_update_replaces_the_global_version_behind_the_regression_gate(tmp_path, files):
+    server = _server(tmp_path, files, method="target-only")
+    drift, _ = read_slots(files["drift"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            _serve_labelled(channel, drift.select(slice(0, 48)), "drift", "d")
+            job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", global_update=True))
+            assert job.scope == "global"
+            done = _wait(stub, job.job_id)
+            assert done.state == pb.AdaptationJob.ACCEPTED, done.message
+            assert "regression set" in done.message and done.regression_ber_before > 0
+            assert stub.GetModel(pb.GetModelRequest()).version == done.new_version
+            assert dict(stub.ListModels(pb.ListModelsRequest()).scoped_versions) == {}
+    finally:
+        server.stop(grace=5)
+
+
+def test_jobs_survive_a_restart(tmp_path, files):
+    server = _server(tmp_path, files, method="target-only")
+    drift, _ = read_slots(files["drift"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            _serve_labelled(channel, drift.select(slice(0, 32)), "drift", "d")
+            done = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
+    finally:
+        server.stop(grace=5)
+    server = _server(tmp_path, files, method="target-only")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            again = stub.GetAdaptation(pb.GetAdaptationRequest(job_id=done.job_id))
+            assert (again.state, again.new_version, again.ber_after, again.scope) == (
+                done.state, done.new_version, done.ber_after, "drift")
+            assert stub.GetModel(pb.GetModelRequest(context="drift")).version == server.registry.scopes()["drift"]
+            assert stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id == "job-2"
     finally:
         server.stop(grace=5)
 
@@ -152,11 +211,18 @@ def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_s
             assert lineage["rehearsal"] == str(files["rehearsal"]) and lineage["replay"] == 0.5
             text = scrape(server.metrics_port)
             assert re.search(r"^deeprx_influence_index_builds_total 1\.0", text, re.M)
-            assert re.search(r"^deeprx_influence_index_stale 1\.0", text, re.M), "built on v1, v2 now serves"
+            assert re.search(r"^deeprx_influence_index_stale 0\.0", text, re.M), "a scoped v2 leaves v1 global"
             second = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
             assert second.state == pb.AdaptationJob.ACCEPTED
-            text = scrape(server.metrics_port)
-            assert re.search(r"^deeprx_influence_index_builds_total 2\.0", text, re.M)
+            assert server.registry.info(second.new_version)["parent"] == first.new_version
+            assert re.search(r"^deeprx_influence_index_builds_total 1\.0", scrape(server.metrics_port), re.M)
+            third = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift",
+                                                                            global_update=True)).job_id)
+            assert third.state == pb.AdaptationJob.ACCEPTED
+            assert re.search(r"^deeprx_influence_index_stale 1\.0", scrape(server.metrics_port), re.M)
+            fourth = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
+            assert fourth.state == pb.AdaptationJob.ACCEPTED
+            assert re.search(r"^deeprx_influence_index_builds_total 2\.0", scrape(server.metrics_port), re.M)
     finally:
         server.stop(grace=5)
 

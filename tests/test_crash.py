@@ -1,7 +1,6 @@
 """kill -9 during capture and during version writes: the store and registry stay consistent."""
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -10,48 +9,21 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.stream import stream_slots
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.serving.registry import ModelRegistry
+from tests.conftest import serve_process
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(store, model=None) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
-    args = [sys.executable, "-m", "service.cli", "--threads", "1", "serve", "--store", str(store),
-            "--port", str(port), "--metrics-port", "0"]
-    if model is not None:
-        args += ["--model", str(model)]
-    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return process, port
-            except grpc.RpcError:
-                time.sleep(0.2)
-    process.kill()
-    raise TimeoutError("server did not become healthy")
 
 
 def test_kill_during_capture_and_restart_serves_last_active_version(tmp_path, tiny_checkpoint, train_mix_file):
     store = tmp_path / "store"
     slots, _ = read_slots(train_mix_file)
-    process, port = _start_server(store, tiny_checkpoint)
+    process, port = serve_process(store, tiny_checkpoint)
     v2 = ModelRegistry(store / "models").import_checkpoint(tiny_checkpoint, creator="crash test")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=v2))
@@ -68,7 +40,7 @@ def test_kill_during_capture_and_restart_serves_last_active_version(tmp_path, ti
     db.close()
     assert captured > 0
 
-    process, port = _start_server(store)  # no --model: resumes from the registry
+    process, port = serve_process(store)  # no --model: resumes from the registry
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert pb_grpc.ReceiverStub(channel).GetModel(pb.GetModelRequest()).version == v2
@@ -91,6 +63,7 @@ PUBLISH_LOOP = """
 import sys, torch
 from service.receiver.model import DeepRx, config_for
 from service.serving.registry import ModelRegistry
+from tests.conftest import serve_process
 registry = ModelRegistry(sys.argv[1])
 model = DeepRx(config_for("small")).eval()
 print("ready", flush=True)

@@ -75,3 +75,46 @@ def test_twenty_swaps_under_load(server, channel, train_mix_file):
         np.testing.assert_allclose(llrs, _expected_llrs(models[result.model_version], slots, row),
                                    rtol=1e-4, atol=1e-4, err_msg=f"{result.slot_id} is not {result.model_version}'s")
     assert re.search(r"^deeprx_model_swaps_total 20\.0", scrape(server.metrics_port), re.M)
+
+
+def test_scoped_swaps_under_mixed_context_streams(server, channel, train_mix_file):
+    """Two contexts stream at once while one of them has its scoped version cycled: zero failures,
+    every slot carries the LLRs of the version its context maps to, and the other context never
+    leaves the global version."""
+    slots, _ = read_slots(train_mix_file)
+    models = {"v1": server.registry.load("v1").model}
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        model = DeepRx(config_for("tiny")).eval()
+        models[server.registry.publish(model, creator=f"test seed {seed}")] = model
+    scoped = [v for v in models if v != "v1"]
+    stub = pb_grpc.ReceiverStub(channel)
+
+    def swap() -> None:
+        for i in range(12):
+            time.sleep(0.05)
+            if i % 4 == 3:
+                stub.ReleaseScope(pb.ReleaseScopeRequest(context="cell-a"))
+            else:
+                stub.ActivateModel(pb.ActivateModelRequest(version=scoped[i % 2], context="cell-a"))
+
+    results: dict[str, list] = {"cell-a": [], "cell-b": []}
+    reports = {}
+
+    def run(context: str) -> None:
+        reports[context], _ = stream_slots(channel, slots.select(np.r_[0:48, 0:48]), context, streams=2, rate=100,
+                                           prefix=context, on_result=results[context].append)
+
+    threads = [threading.Thread(target=swap)] + [threading.Thread(target=run, args=(c,)) for c in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.failures == 0 and r.slots == 96 for r in reports.values())
+    assert set(reports["cell-b"].versions) == {"v1"}, "the other context stays on the global version"
+    assert len(set(reports["cell-a"].versions)) >= 2, reports["cell-a"].versions
+    for result in results["cell-a"] + results["cell-b"]:
+        row = int(result.slot_id.split("-")[-1]) % 48
+        expected = _expected_llrs(models[result.model_version], slots, row)
+        np.testing.assert_allclose(codec.decode(result.llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**6), expected,
+                                   atol=1e-4)

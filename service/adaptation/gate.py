@@ -1,8 +1,9 @@
 """The validation gate: a candidate model is served only if it helps the target and hurts nothing else.
 
 Accept when held-out target BER falls by at least ``min_relative_improvement`` (relative) and the
-fixed regression set's BER (slots of the training mix) rises by at most ``max_regression``
-(absolute). Rejected candidates are kept for inspection, never served.
+BER of a protected set rises by at most ``max_regression`` (absolute): the training-mix regression
+set for a global update, the context's own newest slots for a scoped one. Rejected candidates are
+kept for inspection, never served.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from service.receiver.train import validate
 class GateConfig:
     min_relative_improvement: float = 0.02
     max_regression: float = 0.002
+    protected: str = "regression set"  # what the protected set is, for the reason
 
 
 @dataclass
@@ -40,7 +42,8 @@ def gate(baseline: DeepRx, candidate: DeepRx, held_out_target: SlotTensors, regr
         reason = f"target BER {before:.5f} -> {after:.5f}: less than {config.min_relative_improvement:.0%} better"
         return GateDecision(False, before, after, reg_before, reg_after, reason)
     if reg_after > reg_before + config.max_regression:
-        reason = f"regression BER {reg_before:.5f} -> {reg_after:.5f}: worse by more than {config.max_regression}"
+        reason = (f"{config.protected} BER {reg_before:.5f} -> {reg_after:.5f}: worse by more than "
+                  f"{config.max_regression}")
         return GateDecision(False, before, after, reg_before, reg_after, reason)
     return GateDecision(True, before, after, reg_before, reg_after,
-                        f"target BER {before:.5f} -> {after:.5f}, regression {reg_before:.5f} -> {reg_after:.5f}")
+                        f"target BER {before:.5f} -> {after:.5f}, {config.protected} {reg_before:.5f} -> {reg_after:.5f}")

@@ -1,10 +1,15 @@
 """The adaptation worker: one background thread running jobs from a queue, never blocking inference.
 
 A job: take the target's labelled slots from the sample store (a context key or explicit slot ids),
-split them into an adaptation part and a held-out part, adapt the active model with an update rule
-on the pool, gate the candidate on the held-out part and the regression set, publish it with lineage
-(parent, job, method, selected slots) and, if accepted, activate it. After a swap the worker watches
-the context's live BER on the new version and rolls back to the parent if it regresses.
+split them into an adaptation part and a held-out part, adapt the version serving the target with an
+update rule on the pool, gate the candidate, publish it with lineage (parent, job, method, selected
+slots, scope) and, if accepted, activate it. A job for a context (the default) makes a *scoped*
+version that serves only that context: its gate asks for a better held-out target BER and no worse
+BER on the context's most recent labelled slots (the guard); every other context keeps its version,
+LLRs bit for bit. A *global* job (``global_update``, or explicit slot ids without a context) replaces
+the global version and its gate also protects the training-mix regression set. After a swap the
+worker watches the context's live BER on the new version and rolls back (that scope only) if it
+regresses. Jobs and their outcomes are logged durably (``jobs.py``).
 """
 from __future__ import annotations
 
@@ -15,19 +20,20 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from schema.dataset import SlotBatch, read_slots
 from service.adaptation.gate import GateConfig, gate
+from service.adaptation.jobs import Job, JobLog
 from service.adaptation.updates import GUIDED, METHODS, Selection, UpdateConfig, adapt
 from service.influence.curvature import CurvatureConfig
 from service.influence.index import GradientIndex, IndexConfig
 from service.receiver.features import prepare
 from service.serving.metrics import ServiceMetrics
-from service.serving.registry import ModelRegistry
+from service.serving.registry import ModelRegistry, ScopeLimitError
 from service.serving.store import SampleStore
 
 log = logging.getLogger("deeprx.adaptation")
@@ -51,7 +57,8 @@ class AdaptationConfig:
     replay: float = 0.9375  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
     curvature: str = "ekfac"
     min_relative_improvement: float = 0.02
-    max_regression: float = 0.002
+    max_regression: float = 0.002  # absolute BER rise allowed on the regression set (global) or the guard (scoped)
+    guard_slots: int = 64  # scoped jobs: the context's newest labelled slots outside the adaptation split
     rollback_slots: int = 50  # live slots on the new version before the rollback check
     rollback_margin: float = 0.1  # roll back when live BER > held-out BER before adaptation x (1 + margin)
     index_compression: str = "sjlt:4096"  # sketch of the gradient index over the pool file ("" = exact)
@@ -60,39 +67,20 @@ class AdaptationConfig:
     seed: int = 0
 
 
-@dataclass
-class Job:
-    job_id: str
-    context: str
-    slot_ids: list[str]
-    method: str
-    state: str = "QUEUED"  # QUEUED RUNNING ACCEPTED REJECTED FAILED
-    progress: float = 0.0
-    ber_before: float = 0.0
-    ber_after: float = 0.0
-    regression_ber_before: float = 0.0
-    regression_ber_after: float = 0.0
-    new_version: str = ""
-    parent_version: str = ""
-    message: str = ""
-    selected_summary: str = ""
-    rolled_back: bool = False
-    options: dict[str, str] = field(default_factory=dict)
-    created: float = field(default_factory=time.time)
-
-
 class AdaptationError(ValueError):
     """A job that cannot be queued (bad method, unknown target); the message says why."""
 
 
 class AdaptationWorker:
-    def __init__(self, registry: ModelRegistry, store: SampleStore | None, metrics: ServiceMetrics,
+    def __init__(self, registry: ModelRegistry, store: SampleStore, metrics: ServiceMetrics,
                  config: AdaptationConfig):
         self.registry, self.store, self.metrics, self.config = registry, store, metrics, config
-        self._jobs: dict[str, Job] = {}
+        self._log = JobLog(store.path)
+        self._jobs: dict[str, Job] = {job.job_id: job for job in self._log.recover()}
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(max((j.number for j in self._jobs.values()), default=0) + 1)
         self._lock = threading.Lock()
+        self._stage_start = 0.0
         self._watch: dict[tuple[str, str], list[int]] = {}  # (context, version) -> [errors, bits, slots]
         self._last_auto: dict[str, float] = {}
         self._regression = self._load(config.regression, config.regression_slots)
@@ -110,18 +98,20 @@ class AdaptationWorker:
         return prepare(read_slots(path, slice(0, slots))[0]) if path else None
 
     # ------------------------------------------------------------------ API used by the RPCs
-    def submit(self, context: str, slot_ids: list[str], method: str, options: dict[str, str]) -> Job:
+    def submit(self, context: str, slot_ids: list[str], method: str, options: dict[str, str],
+               global_update: bool = False) -> Job:
+        """Queue a job; scoped to ``context`` unless ``global_update`` (or no context is given)."""
         method = method or self.config.method
         if method not in METHODS:
             raise AdaptationError(f"method: '{method}' is not one of {', '.join(METHODS)}")
-        if self.store is None:
-            raise AdaptationError("adaptation needs the sample store (capture is disabled)")
         if not context and not slot_ids:
             raise AdaptationError("target: give a context or slot_ids")
         unknown = set(options) - {"k", "steps", "learning_rate", "replay", "curvature"}
         if unknown:
             raise AdaptationError(f"options: unknown keys {sorted(unknown)} (k, steps, learning_rate, replay, curvature)")
-        job = Job(f"job-{next(self._ids)}", context, list(slot_ids), method, options=dict(options))
+        scope = "global" if global_update or not context else context
+        job = Job(f"job-{next(self._ids)}", context, list(slot_ids), method, scope=scope, options=dict(options))
+        self._log.save(job)
         with self._lock:
             self._jobs[job.job_id] = job
         self._queue.put(job)
@@ -154,6 +144,8 @@ class AdaptationWorker:
         and a version it was writing stays in the registry's temp area, removed at the next start)."""
         self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._log.close()
 
     def observe(self, context: str, version: str, errors: int, bits: int) -> None:
         """Feedback on a slot served by ``version``: checks watched swaps for regressions."""
@@ -173,29 +165,47 @@ class AdaptationWorker:
             return
         live = counts[0] / max(1, counts[1])
         limit = job.ber_before * (1 + self.config.rollback_margin)
-        active = self.registry.active
-        if live > limit and active is not None and active.version == version:
+        if live <= limit or self._serving(job.context, job.scope) != version:
+            return
+        if job.scope == "global":
             self.registry.activate(job.parent_version)
-            job.rolled_back = True
-            job.message += f"; rolled back: live BER {live:.5f} > {limit:.5f}"
-            self.metrics.adaptation_rollbacks.inc()
-            log.warning("%s: rolled back %s -> %s (live BER %.5f)", job.job_id, version, job.parent_version, live)
+        elif job.parent_scoped:
+            self.registry.activate(job.parent_version, job.context)
+        else:
+            self.registry.release(job.context)
+        job.rolled_back = True
+        job.message += f"; rolled back: live BER {live:.5f} > {limit:.5f}"
+        self._log.save(job)
+        self.metrics.adaptation_rollbacks.inc()
+        log.warning("%s: rolled back %s -> %s in scope %s (live BER %.5f)", job.job_id, version,
+                    job.parent_version, job.scope, live)
+
+    def _serving(self, context: str, scope: str) -> str | None:
+        """The version a job's scope is served by now."""
+        serving = self.registry.active if scope == "global" else self.registry.active_for(context)
+        return serving.version if serving else None
 
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
             job.state = "RUNNING"
+            self._log.save(job)
             start = time.perf_counter()
             try:
                 self._adapt(job)
+            except ScopeLimitError as err:
+                job.state, job.message = "FAILED", f"not activated: {err}"
             except Exception as err:  # noqa: BLE001 - a failed job is reported, the worker goes on
                 log.exception("%s failed", job.job_id)
                 job.state, job.message = "FAILED", f"{type(err).__name__}: {err}"
             job.progress = 1.0
+            self._log.save(job)
             self.metrics.adaptation_jobs.labels(job.method, job.state.lower()).inc()
             self.metrics.adaptation_seconds.observe(time.perf_counter() - start)
 
-    def _target(self, job: Job) -> tuple[SlotBatch, list[str]]:
+    def _target(self, job: Job) -> tuple[SlotBatch, np.ndarray]:
+        """The target's labelled slots sorted by slot id (concurrent streams store in varying order;
+        the split must not vary), and each one's arrival rank (0 = oldest)."""
         self.store.flush()  # labels that triggered the job may still be queued for the writer
         slots, ids = self.store.labelled(context=job.context or None)
         if job.slot_ids:
@@ -204,8 +214,8 @@ class AdaptationWorker:
             slots, ids = slots.select(np.asarray(keep, int)), [ids[i] for i in keep]
         if len(ids) < self.config.min_target_slots:
             raise AdaptationError(f"target has {len(ids)} labelled slots, needs {self.config.min_target_slots}")
-        by_id = np.argsort(ids, kind="stable")  # concurrent streams store in varying order; the split must not vary
-        return slots.select(by_id), [ids[i] for i in by_id]
+        by_id = np.argsort(ids, kind="stable")
+        return slots.select(by_id), by_id
 
     def _pool(self, job: Job) -> SlotBatch:
         if self._pool_file is not None:
@@ -231,15 +241,25 @@ class AdaptationWorker:
         rows = torch.tensor([int(slot_id.split("-")[1]) for slot_id in result.slot_ids])
         return Selection(rows, result.scores)
 
+    def _stage(self, job: Job, name: str, progress: float) -> None:
+        """Enter a stage: the time of the one before is recorded, progress reported."""
+        now = time.perf_counter()
+        if job.stage:
+            job.stage_seconds[job.stage] = round(now - self._stage_start, 2)
+        job.stage, job.progress, self._stage_start = name, progress, now
+
     def _adapt(self, job: Job) -> None:
-        active = self.registry.active
-        job.parent_version = active.version
-        slots, _ = self._target(job)
+        scoped = job.scope != "global"
+        parent = self.registry.active_for(job.context) if scoped else self.registry.active
+        job.parent_version = parent.version
+        job.parent_scoped = scoped and job.context in self.registry.scopes()
+        self._stage(job, "reading target slots", 0.02)
+        slots, arrival = self._target(job)
         order = np.random.default_rng(self.config.seed).permutation(len(slots))
         n_held = max(1, int(round(self.config.held_out_fraction * len(slots))))
-        adaptation_slots = slots.select(order[n_held:])
-        held_out, adaptation = prepare(slots.select(order[:n_held])), prepare(adaptation_slots)
-        job.progress = 0.1
+        held_rows, adaptation_rows = order[:n_held], order[n_held:]
+        adaptation_slots = slots.select(adaptation_rows)
+        held_out, adaptation = prepare(slots.select(held_rows)), prepare(adaptation_slots)
         pool_slots = self._pool(job)
         options = job.options
         config = UpdateConfig(method=job.method, k=int(options.get("k", self.config.k)),
@@ -248,14 +268,18 @@ class AdaptationWorker:
                               replay=float(options.get("replay", self.config.replay)),
                               curvature=CurvatureConfig(method=options.get("curvature", self.config.curvature)),
                               seed=self.config.seed)
-        model = copy.deepcopy(active.model).cpu()  # the serving copy stays where it is
+        model = copy.deepcopy(parent.model).cpu()  # the serving copy stays where it is
         pool = prepare(pool_slots)
         selection = None
         if self.config.pool and job.method in GUIDED and config.score in ("raw", "l-relative"):
-            selection = self._select_from_index(model, active.version, pool_slots, adaptation_slots, config)
-        job.progress = 0.4
+            self._stage(job, "influence index", 0.1)
+            # the index is the global version's: scoped versions leave it valid, so a context's next
+            # job retrieves without a rebuild; its update still starts from the context's own version
+            index_model = self.registry.active
+            selection = self._select_from_index(copy.deepcopy(index_model.model).cpu(), index_model.version,
+                                                pool_slots, adaptation_slots, config)
+        self._stage(job, "update", 0.4)
         result = adapt(model, pool, adaptation, config, selection, rehearsal=self._rehearsal)
-        job.progress = 0.7
         if result.selected is not None and len(result.selected):
             picked = result.selected.numpy()
             channels = Counter(pool_slots.channel[picked].tolist()).most_common(3)
@@ -263,30 +287,42 @@ class AdaptationWorker:
                                     f"{np.nanmean(pool_slots.speed_mps[picked]):.0f} m/s; mean SNR "
                                     f"{np.nanmean(pool_slots.snr_db[picked]):.1f} dB")
             self.metrics.adaptation_selected_slots.observe(len(picked))
-        regression = self._regression if self._regression is not None else held_out
-        gate_config = GateConfig(self.config.min_relative_improvement,
-                                 self.config.max_regression if self._regression is not None else float("inf"))
-        decision = gate(model, result.model, held_out, regression, gate_config)
+        self._stage(job, "gate", 0.8)
+        if scoped:  # the guard: the context's newest labelled slots the update did not train on
+            outside = np.setdiff1d(np.arange(len(slots)), adaptation_rows)
+            newest = outside[np.argsort(-arrival[outside], kind="stable")][: self.config.guard_slots]
+            protected, tolerance, name = (prepare(slots.select(np.sort(newest))), self.config.max_regression,
+                                          "guard (the context's newest slots)")
+        elif self._regression is not None:
+            protected, tolerance, name = self._regression, self.config.max_regression, "regression set"
+        else:
+            protected, tolerance, name = held_out, float("inf"), "held-out target"
+        decision = gate(model, result.model, held_out, protected,
+                        GateConfig(self.config.min_relative_improvement, tolerance, name))
         job.ber_before, job.ber_after = decision.target_ber_before, decision.target_ber_after
         job.regression_ber_before, job.regression_ber_after = decision.regression_ber_before, decision.regression_ber_after
         self.metrics.adaptation_ber.labels("before").set(job.ber_before)
         self.metrics.adaptation_ber.labels("after").set(job.ber_after)
+        self._stage(job, "publish", 0.9)
         job.new_version = self.registry.publish(
-            result.model, creator=f"adaptation {job.job_id}", parent=active.version,
+            result.model, creator=f"adaptation {job.job_id}", parent=parent.version,
             metrics={"target_ber_before": job.ber_before, "target_ber_after": job.ber_after,
                      "regression_ber_before": job.regression_ber_before,
                      "regression_ber_after": job.regression_ber_after},
             extra={"job": job.job_id, "method": job.method, "context": job.context, "accepted": decision.accepted,
-                   "selected_summary": job.selected_summary, "details": _jsonable(result.details),
-                   "rehearsal": self.config.rehearsal or "pool", "replay": config.replay})
+                   "adapted_for": job.context if scoped else "", "guard": "context's newest slots" if scoped else
+                   "training-mix regression set", "selected_summary": job.selected_summary,
+                   "details": _jsonable(result.details), "rehearsal": self.config.rehearsal or "pool",
+                   "replay": config.replay})
         job.message = decision.reason
         if decision.accepted:
             with self._lock:
                 self._watch[(job.context, job.new_version)] = [0, 0, 0]
-            self.registry.activate(job.new_version)
+            self.registry.activate(job.new_version, job.context if scoped else None)
             job.state = "ACCEPTED"
         else:
             job.state = "REJECTED"
+        self._stage(job, "", 1.0)
 
 
 def _jsonable(details: dict) -> dict:

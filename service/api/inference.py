@@ -8,17 +8,14 @@ import time
 
 import grpc
 import numpy as np
-import torch
 
 from proto import codec
 from proto import receiver_pb2 as pb
 from service.api.base import RpcBase
 from service.api.requests import RequestError, check_slot_count, decode_feedback_bits, decode_slot, invalid
 from service.monitoring.monitor import ServedSlot
-from service.monitoring.pilots import pilot_sinr_db
-from service.receiver.features import featurize
-from service.serving.batcher import BatcherClosed
-from service.serving.registry import ModelVersion
+from service.serving.batcher import BatcherClosed, BatcherFull
+from service.serving.registry import ModelVersion, Routing
 from service.serving.slot import ReceivedSlot
 from service.serving.store import SlotLabel
 
@@ -26,31 +23,30 @@ log = logging.getLogger("deeprx.server")
 
 
 class InferenceRpcs(RpcBase):
-    def _decode(self, slot: pb.Slot, field: str, version: ModelVersion) -> ReceivedSlot:
-        return decode_slot(slot, field, version.model.config.rx, self.config.limits.max_subcarriers)
+    def _decode(self, slot: pb.Slot, field: str, routing: Routing) -> tuple[ReceivedSlot, ModelVersion]:
+        """The validated slot and the version that serves its context in ``routing`` (read once per request)."""
+        version = routing.version_for(slot.context or "default")
+        if version is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no active model")
+        return decode_slot(slot, field, version.model.config.rx, self.config.limits.max_subcarriers), version
 
     def _submit(self, slot: ReceivedSlot, version: ModelVersion):
-        features = featurize(torch.from_numpy(slot.grid)[None], torch.from_numpy(slot.pilots)[None])[0]
         try:
-            return self.batcher.submit(features, slot.bits_per_symbol, version)
+            return self.batcher.submit(slot, version)
         except BatcherClosed as err:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+        except BatcherFull as err:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
 
-    def _finish(self, slot: ReceivedSlot, logits: torch.Tensor, version: ModelVersion,
+    def _finish(self, slot: ReceivedSlot, llrs: np.ndarray, version: ModelVersion,
                 return_hard_bits: bool) -> pb.SlotResult:
-        """LLRs at the data REs in grid order; remember and capture what was served."""
-        k = slot.bits_per_symbol
-        llrs = logits[:k].permute(2, 1, 0).numpy()[slot.data_mask]  # [data REs, k]
+        """The result message; remember what was served (for feedback) and hand the slot to capture."""
         hard = (llrs > 0).astype(np.uint8)
         latency = time.perf_counter() - slot.arrival
         self.metrics.slot_latency_seconds.observe(latency)
         self.metrics.slots.labels("ok").inc()
         self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard))
-        expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
-        label = self.metrics.context_label(slot.context)
-        estimate = self.monitor.record_estimate(label, expected_ber, pilot_sinr_db(slot.grid, slot.pilots))
-        self.metrics.context_ber_estimate.labels(label).set(estimate.expected_ber)
-        self.metrics.context_pilot_sinr.labels(label).set(estimate.pilot_sinr_db)
+        self.observer.observe(slot, llrs)
         if self.store is not None:
             self.store.capture(slot, version.version)
         return pb.SlotResult(slot_id=slot.slot_id, llrs=codec.encode(llrs),
@@ -61,14 +57,14 @@ class InferenceRpcs(RpcBase):
         n = len(request.slots)
         try:
             check_slot_count(n, self.config.limits.max_slots_per_request)
-            version = self._active()
-            decoded = [self._decode(s, f"slots[{i}]", version) for i, s in enumerate(request.slots)]
-            pending = [self._submit(s, version) for s in decoded]
+            routing = self.registry.routing
+            decoded = [self._decode(s, f"slots[{i}]", routing) for i, s in enumerate(request.slots)]
+            pending = [self._submit(slot, version) for slot, version in decoded]
         except RequestError as err:
             self._reject("Detect", err, context, n)
         try:
-            results = [self._finish(s, p.result(), version, request.return_hard_bits)
-                       for s, p in zip(decoded, pending)]
+            results = [self._finish(slot, p.result(), version, request.return_hard_bits)
+                       for (slot, version), p in zip(decoded, pending)]
         except Exception:  # noqa: BLE001
             log.exception("inference failed")
             self.metrics.slots.labels("failed").inc(n)
@@ -93,8 +89,7 @@ class InferenceRpcs(RpcBase):
         def read() -> None:
             try:
                 for index, request in enumerate(request_iterator):
-                    version = self._active()
-                    slot = self._decode(request.slot, f"slot (message {index})", version)
+                    slot, version = self._decode(request.slot, f"slot (message {index})", self.registry.routing)
                     put((slot, self._submit(slot, version), version, request.return_hard_bits))
                 put(end)
             except Exception as err:  # noqa: BLE001 - a refused slot, or a cancelled or broken stream

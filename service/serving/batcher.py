@@ -1,9 +1,11 @@
-"""Dynamic batching: slots from concurrent requests and streams share model forward passes.
+"""Dynamic batching: slots from concurrent requests and streams share one featurization and one
+backend forward pass.
 
-Each submitted slot carries the :class:`ModelVersion` its request started on; a batch only mixes
-slots of the same version and grid shape, so a hot swap never changes the model under a request.
-One worker thread runs the model; a batch closes when it is full or when its oldest slot has
-waited ``max_queue_delay_s``.
+Each submitted slot carries the :class:`ModelVersion` that serves its context at arrival; a batch only
+mixes slots of the same version and grid shape, so a hot swap never changes the model under a slot.
+One worker thread featurizes the batch (one call, not one per slot), runs the version's backend and
+cuts each slot's LLRs out of the batch output; a batch closes when it is full or when its oldest
+slot has waited ``max_queue_delay_s``.
 """
 from __future__ import annotations
 
@@ -13,46 +15,73 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from service.receiver.features import featurize
 from service.serving.metrics import ServiceMetrics
 from service.serving.registry import ModelVersion
+from service.serving.slot import ReceivedSlot
 
 
 @dataclass(eq=False)
 class _Pending:
-    features: torch.Tensor  # [C, F, S]
-    bits_per_symbol: int
+    slot: ReceivedSlot
     version: ModelVersion
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def key(self) -> tuple:
-        return (self.version.version, tuple(self.features.shape))
+        return (self.version.version, self.slot.grid.shape)
 
 
 class BatcherClosed(RuntimeError):
     """Raised by submit() after close(): the server is shutting down."""
 
 
+class BatcherFull(RuntimeError):
+    """Raised by submit() when ``max_queued`` slots already wait: the caller is told to back off."""
+
+
+def llrs_of_batch(slots: list[ReceivedSlot], logits: torch.Tensor) -> list[np.ndarray]:
+    """Each slot's LLRs at its data REs in grid order (symbol-major), [data REs, bits per symbol]."""
+    per_re = logits.permute(0, 3, 2, 1).numpy()  # [B, S, F, 6]
+    return [per_re[i][slot.data_mask, :slot.bits_per_symbol] for i, slot in enumerate(slots)]
+
+
+def run_batch(slots: list[ReceivedSlot], version: ModelVersion) -> list[np.ndarray]:
+    """Featurize ``slots`` (one grid shape) together and run ``version`` on them: the LLRs per slot."""
+    features = featurize(torch.from_numpy(np.stack([s.grid for s in slots])),
+                         torch.from_numpy(np.stack([s.pilots for s in slots])),
+                         torch.tensor([s.noise_variance for s in slots], dtype=torch.float32))
+    k = torch.tensor([s.bits_per_symbol for s in slots])
+    return llrs_of_batch(slots, version.backend(features, k))
+
+
 class DynamicBatcher:
-    def __init__(self, metrics: ServiceMetrics, max_batch_size: int = 64, max_queue_delay_s: float = 0.002):
+    def __init__(self, metrics: ServiceMetrics, max_batch_size: int = 64, max_queue_delay_s: float = 0.002,
+                 max_queued: int = 4096):
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
+        self.max_queued = max_queued
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queued = 0  # submitted slots whose batch has not run yet
         self._closed = False
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="deeprx-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, features: torch.Tensor, bits_per_symbol: int, version: ModelVersion) -> Future:
-        """Queue one featurized slot; the future resolves to its logits [6, F, S] (CPU)."""
-        pending = _Pending(features, bits_per_symbol, version)
+    def submit(self, slot: ReceivedSlot, version: ModelVersion) -> Future:
+        """Queue one validated slot; the future resolves to its LLRs [data REs, bits per symbol]."""
+        pending = _Pending(slot, version)
         with self._lock:
             if self._closed:
                 raise BatcherClosed("server is shutting down")
+            if self._queued >= self.max_queued:
+                raise BatcherFull(f"server busy: {self._queued} slots already queued (limits.max_queued_slots)")
+            self._queued += 1
             self._queue.put(pending)
         return pending.future
 
@@ -98,21 +127,18 @@ class DynamicBatcher:
             self._forward(batch)
 
     def _forward(self, batch: list[_Pending]) -> None:
+        with self._lock:
+            self._queued -= len(batch)
         start = time.perf_counter()
         for item in batch:
             self.metrics.queue_delay_seconds.observe(start - item.enqueued)
         try:
-            model = batch[0].version.model
-            device = next(model.parameters()).device
-            features = torch.stack([p.features for p in batch]).to(device)
-            k = torch.tensor([p.bits_per_symbol for p in batch], device=device)
-            with torch.inference_mode():
-                logits = model(features, k).float().cpu()
+            results = run_batch([p.slot for p in batch], batch[0].version)
         except Exception as err:  # noqa: BLE001 - every waiting request must learn of the failure
             for item in batch:
                 item.future.set_exception(err)
             return
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
-        for item, result in zip(batch, logits):
+        for item, result in zip(batch, results):
             item.future.set_result(result)

@@ -29,8 +29,12 @@ class ServiceMetrics:
                                          ["code"], registry=r)
         self.slots = Counter("deeprx_slots", "Slots received, by outcome (ok, rejected, failed)",
                              ["outcome"], registry=r)
-        self.inference_seconds = Histogram("deeprx_inference_seconds", "Model forward time per batch",
+        self.inference_seconds = Histogram("deeprx_inference_seconds",
+                                           "Featurization and model forward time per batch",
                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.observations_dropped = Counter("deeprx_slot_observations_dropped",
+                                            "Served slots whose label-free estimates were skipped (observer queue "
+                                            "full)", registry=r)
         self.slot_latency_seconds = Histogram("deeprx_slot_latency_seconds",
                                               "Server-side time from a slot's arrival to its result",
                                               buckets=LATENCY_BUCKETS, registry=r)
@@ -40,7 +44,10 @@ class ServiceMetrics:
         self.batch_size = Histogram("deeprx_batch_size", "Slots per model forward pass",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.model = Info("deeprx_model", "The active model version", registry=r)
-        self.model_swaps = Counter("deeprx_model_swaps", "Active model version changes", registry=r)
+        self.model_swaps = Counter("deeprx_model_swaps", "Changes of what serves: the global version or a "
+                                   "context's scoped version", registry=r)
+        self.scoped_versions = Gauge("deeprx_scoped_versions", "Contexts served by a version scoped to them",
+                                     registry=r)
         self.captured_samples = Counter("deeprx_captured_samples", "Slots written to the sample store",
                                         registry=r)
         self.capture_dropped = Counter("deeprx_capture_dropped_samples",

@@ -1,0 +1,55 @@
+"""Per-slot work that no response waits for: the label-free estimates of a served slot (expected BER
+from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
+
+The queue is bounded; when the thread falls behind, observations are dropped and counted
+(``deeprx_slot_observations_dropped_total``): estimates are window means, a missing slot only
+thins the window, and a response is never delayed for them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from service.monitoring.monitor import FeedbackMonitor
+from service.monitoring.pilots import pilot_sinr_db
+from service.serving.metrics import ServiceMetrics
+from service.serving.slot import ReceivedSlot
+
+
+class SlotObserver:
+    def __init__(self, monitor: FeedbackMonitor, metrics: ServiceMetrics, queue_size: int = 4096):
+        self.monitor = monitor
+        self.metrics = metrics
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="slot-observer", daemon=True)
+        self._thread.start()
+
+    def observe(self, slot: ReceivedSlot, llrs: np.ndarray) -> None:
+        """Queue a served slot's estimates; never blocks."""
+        try:
+            self._queue.put_nowait((slot, llrs))
+        except queue.Full:
+            self.metrics.observations_dropped.inc()
+
+    def flush(self) -> None:
+        """Wait until every slot observed so far has been recorded."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                slot, llrs = item
+                expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
+                label = self.metrics.context_label(slot.context)
+                estimate = self.monitor.record_estimate(label, expected_ber, pilot_sinr_db(slot.grid, slot.pilots))
+                self.metrics.context_ber_estimate.labels(label).set(estimate.expected_ber)
+                self.metrics.context_pilot_sinr.labels(label).set(estimate.pilot_sinr_db)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()

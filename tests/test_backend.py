@@ -1,0 +1,61 @@
+"""Inference backends: ONNX Runtime serves the same LLRs as the PyTorch model, for every size and for
+adapted versions; a version whose backend cannot be built is never activated."""
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from client.stream import stream_slots
+from proto import codec
+from proto import receiver_pb2 as pb
+from proto import receiver_pb2_grpc as pb_grpc
+from schema.dataset import read_slots
+from service.adaptation.updates import UpdateConfig, fine_tune
+from service.receiver.features import prepare
+from service.receiver.model import SIZES, DeepRx, config_for
+from service.serving.backend import BackendError, InferenceConfig, OnnxRuntimeBackend, TorchBackend
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_onnxruntime_equals_torch_for_every_size(size, train_mix_file):
+    data = prepare(read_slots(train_mix_file, slice(0, 8))[0])
+    torch.manual_seed(0)
+    model = DeepRx(config_for(size)).eval()
+    expected = TorchBackend(model)(data.features, data.bits_per_symbol)
+    got = OnnxRuntimeBackend(model)(data.features, data.bits_per_symbol)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_served_llrs_of_an_adapted_version_equal_its_pytorch_model(server, channel, train_mix_file):
+    slots, _ = read_slots(train_mix_file)
+    data = prepare(slots)
+    adapted = fine_tune(server.registry.load("v1").model, data[:32], UpdateConfig(method="target-only", steps=5,
+                                                                                  learning_rate=1e-2))
+    version = server.registry.publish(adapted, creator="test adaptation", parent="v1")
+    assert server.registry.load(version).backend.name == "onnxruntime"
+    pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=version))
+    results: list[pb.SlotResult] = []
+    report, _ = stream_slots(channel, slots.select(slice(32, 48)), "check", prefix="s", on_result=results.append)
+    assert report.versions == {version: 16}
+    with torch.inference_mode():
+        logits = adapted(data.features[32:48], data.bits_per_symbol[32:48])
+    for result in results:
+        row = int(result.slot_id.split("-")[1])
+        k = int(slots.bits_per_symbol[32 + row])
+        expected = logits[row, :k].permute(2, 1, 0).numpy()[slots.data_mask[32 + row]]
+        served = codec.decode(result.llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**6)
+        np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
+def test_a_version_whose_backend_cannot_be_built_is_never_activated(server, channel):
+    stub = pb_grpc.ReceiverStub(channel)
+    torch.manual_seed(1)
+    version = server.registry.publish(DeepRx(config_for("tiny")).eval(), creator="test")
+    server.registry.inference = InferenceConfig(backend="onnxruntime", opset=99)  # no exporter knows opset 99
+    with pytest.raises(BackendError, match="ONNX export or session failed"):
+        server.registry.activate(version)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ActivateModel(pb.ActivateModelRequest(version=version))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cannot be served" in err.value.details()
+    assert stub.GetModel(pb.GetModelRequest()).version == "v1"

@@ -1,0 +1,140 @@
+"""Load and faults on tiny sizes: every slot answered or explicitly rejected, kill -9 during an
+adaptation job, a follower killed and restarted, clients that disconnect mid-stream."""
+import signal
+import sqlite3
+import threading
+import time
+
+import grpc
+
+from benchmarks.load import run_load
+from client.stream import send_genie_feedback, slot_message, stream_slots
+from proto import receiver_pb2 as pb
+from proto import receiver_pb2_grpc as pb_grpc
+from schema.dataset import read_slots
+from service.config import ServerConfig
+from service.server import ReceiverServer
+from tests.conftest import free_port, serve_process, simulate
+
+
+def test_load_run_answers_every_slot_and_loses_none(server, train_mix_file):
+    slots, _ = read_slots(train_mix_file)
+    report = run_load(f"127.0.0.1:{server.port}", slots, streams=4, seconds=3.0, window=4)
+    assert report.answered > 0 and report.lost == 0 and report.errors == []
+    assert report.sent == report.answered + report.rejected
+    assert report.feedback_accepted == report.answered, "every answered slot's feedback was matched"
+
+
+def test_a_full_queue_rejects_explicitly_and_loses_nothing(tmp_path, tiny_checkpoint, train_mix_file):
+    config = ServerConfig(port=0, metrics_port=0)
+    config.limits.max_queued_slots = 2
+    config.batching.max_queue_delay_ms = 20.0
+    busy = ReceiverServer(config, tmp_path / "store", tiny_checkpoint).start()
+    try:
+        slots, _ = read_slots(train_mix_file)
+        report = run_load(f"127.0.0.1:{busy.port}", slots, streams=8, seconds=2.0, window=8)
+    finally:
+        busy.stop(grace=2)
+    assert report.rejected > 0, "eight streams of eight in flight overflow a queue of two"
+    assert report.lost == 0 and report.sent == report.answered + report.rejected
+
+
+def test_kill_during_an_adaptation_job_marks_it_failed_at_restart(tmp_path, trained_tiny_checkpoint,
+                                                                   train_mix_file):
+    drift = simulate(tmp_path / "drift.h5", "channel=TDL-D,speed=100:150,snr=15:25,dmrs=0", 32, seed=31)
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'[adaptation]\npool = "{train_mix_file}"\nregression = "{train_mix_file}"\n'
+                    'min_target_slots = 16\n')
+    store = tmp_path / "store"
+    process, port = serve_process(store, trained_tiny_checkpoint, "--config", str(toml))
+    slots, _ = read_slots(drift)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ReceiverStub(channel)
+        stream_slots(channel, slots, "drift", prefix="d")
+        send_genie_feedback(channel, slots, prefix="d")
+        job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only",
+                                                          options={"steps": "100000"}))
+        deadline = time.monotonic() + 60
+        while (running := stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id))).stage != "update":
+            assert running.state in (pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING), running.message
+            assert time.monotonic() < deadline, "the job never started its update"
+            time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    db = sqlite3.connect(store / "samples" / "samples.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    process, port = serve_process(store, None, "--config", str(toml))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            failed = stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id))
+            assert failed.state == pb.AdaptationJob.FAILED and "interrupted" in failed.message
+            assert "update" in failed.message
+            assert stub.GetModel(pb.GetModelRequest()).version == "v1"
+            assert dict(stub.ListModels(pb.ListModelsRequest()).scoped_versions) == {}
+            report, _ = stream_slots(channel, slots.select(slice(0, 4)), "drift", prefix="after")
+            assert report.versions == {"v1": 4}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_killed_follower_comes_back_on_the_leaders_current_versions(tmp_path, tiny_checkpoint):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    registry = tmp_path / "shared-registry"
+    config = ServerConfig(port=0, metrics_port=0)
+    config.replication.registry, config.replication.publish = str(registry), endpoint
+    leader = ReceiverServer(config, tmp_path / "leader", tiny_checkpoint).start()
+    toml = tmp_path / "follower.toml"
+    toml.write_text(f'[replication]\nregistry = "{registry}"\nfollow = "{endpoint}"\n')
+    follower, port = serve_process(tmp_path / "follower", None, "--config", str(toml))
+    try:
+        follower.send_signal(signal.SIGKILL)
+        follower.wait()
+        v2 = leader.registry.import_checkpoint(tiny_checkpoint, creator="while the follower was down")
+        v3 = leader.registry.import_checkpoint(tiny_checkpoint, creator="scoped")
+        leader.registry.activate(v2)
+        leader.registry.activate(v3, "cell-7")
+        follower, port = serve_process(tmp_path / "follower", None, "--config", str(toml))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            assert stub.GetModel(pb.GetModelRequest()).version == v2
+            assert dict(stub.ListModels(pb.ListModelsRequest()).scoped_versions) == {"cell-7": v3}
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+        leader.stop(grace=1)
+
+
+def _stream_readers() -> int:
+    return sum(t.name == "stream-reader" for t in threading.enumerate())
+
+
+def test_clients_that_disconnect_mid_stream_leave_no_threads_behind(server, train_mix_file):
+    slots, _ = read_slots(train_mix_file)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream_slots(channel, slots.select(slice(0, 4)), "warm", prefix="warm")  # the server's pool is warm
+    baseline = threading.active_count()
+    for attempt in range(10):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+
+            def endless():
+                for n in range(10**6):
+                    yield pb.StreamDetectRequest(slot=slot_message(slots, n % len(slots), f"c{attempt}-{n}", "gone"))
+                    time.sleep(0.005)
+
+            call = stub.StreamDetect(endless())
+            for _ in zip(range(5), call):  # a few results arrive, then the client goes away
+                pass
+            call.cancel()
+    deadline = time.monotonic() + 10
+    while (_stream_readers() or threading.active_count() > baseline) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _stream_readers() == 0
+    assert threading.active_count() <= baseline, (threading.active_count(), baseline)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        report, _ = stream_slots(channel, slots.select(slice(0, 4)), "after", prefix="after")
+    assert report.failures == 0, "the server still serves"
