@@ -133,21 +133,39 @@ def _influence_index(args: argparse.Namespace) -> int:
     from service.influence.index import GradientIndex, IndexConfig
     from service.receiver.checkpoint import load_checkpoint
 
+    runner = {}
+    if args.ray:
+        from service.influence.distributed import RayShards, SlotFile
+
+        try:
+            shards = RayShards(args.ray)
+        except ModuleNotFoundError as err:  # ray is an optional extra
+            print(f"deeprx-service: error: --ray: {err}", file=sys.stderr)
+            return 2
+        runner = {"shards": shards}
+        pool = SlotFile(args.pool)  # rows are read as shards are sent out, never all at once
+    else:
+        pool, _ = read_slots(args.pool)
     checkpoint = load_checkpoint(args.model)
     version = args.version or f"{Path(args.model).name}@{checkpoint.metadata.get('steps', 0)}"
-    pool, _ = read_slots(args.pool)
     ids = [f"row-{i}" for i in range(len(pool))]
     index = GradientIndex(args.index)
     compression = None if args.compress == "none" else args.compress
     if index.is_stale(version):
         fit = [ids[i] for i in range(0, len(ids), max(1, len(ids) // args.fit_slots))][: args.fit_slots]
         index.build(checkpoint.model, version, pool, ids, fit,
-                    IndexConfig(CurvatureConfig(method=args.method, damping=args.damping), compression))
+                    IndexConfig(CurvatureConfig(method=args.method, damping=args.damping), compression), **runner)
         print(f"built index of {len(ids)} pool rows for model {version} in {args.index}")
-        return 0
-    fit_rows = [int(i.split("-")[1]) for i in index.manifest["fit_ids"]]
-    added = index.extend(checkpoint.model, version, pool, ids, pool.select(fit_rows))
-    print(f"index for model {version} in {args.index}: {added} rows added, {len(index.slot_ids())} in all")
+    else:
+        fit_rows = [int(i.split("-")[1]) for i in index.manifest["fit_ids"]]
+        added = index.extend(checkpoint.model, version, pool, ids, pool.select(fit_rows), **runner)
+        print(f"index for model {version} in {args.index}: {added} rows added, {len(index.slot_ids())} in all")
+    if runner and runner["shards"].stats:
+        stats = runner["shards"].stats
+        rate = sum(s["rows"] for s in stats) / sum(s["seconds"] for s in stats)
+        print(f"ray: {len(stats)} shards on {runner['shards'].workers} workers "
+              f"({len({(s['host'], s['pid']) for s in stats})} processes), {rate:.1f} slots/s per worker, "
+              f"peak worker memory {max(s['peak_rss_mib'] for s in stats):.0f} MiB")
     return 0
 
 
@@ -302,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--index", type=Path, required=True, help="index directory")
     index.add_argument("--version", help="model version tag (default: checkpoint name@steps)")
     index.add_argument("--compress", default="sjlt:4096", help="mask:P, gauss:D, sjlt:D, or none")
+    index.add_argument("--ray", metavar="ADDRESS",
+                       help="shard the pool's per-sample gradients over Ray workers (needs the 'ray' extra: pip "
+                            "install 'deeprx-adapt[ray]'); the index written is the same. ADDRESS: a Ray cluster "
+                            "address (e.g. ray://head:10001, head:6379 or auto; its nodes need this project "
+                            "installed), or 'local' / 'local:N' to start a local Ray instance with one worker "
+                            "process per core / N worker processes, stopped afterwards")
     index.set_defaults(run=_influence_index)
 
     experiment = commands.add_parser(

@@ -11,11 +11,18 @@ last, so a crash leaves the previous index intact. An index built on model versi
 once another version serves: :meth:`GradientIndex.extend` refuses it, and the caller rebuilds.
 Extending re-fits H on the recorded fit slots (deterministic for the same model and slots) and
 appends a shard for the slots not yet indexed.
+
+Rows are computed by :func:`pool_rows`, chunk by chunk, whoever runs it: :meth:`GradientIndex.build`
+and :meth:`~GradientIndex.extend` take a ``shards`` runner (:data:`Sharding`) that yields the rows of
+consecutive runs of pool rows; the default, :func:`in_process`, is one run over the whole pool (one
+shard file); ``service/influence/distributed.py`` runs contiguous, chunk-aligned runs as Ray tasks
+(one shard file each). Either way the manifest is written once, after every shard file.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +66,33 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def pool_rows(model: DeepRx, curvature: InverseCurvature, compressor: Compressor | None, pool: SlotBatch,
+              chunk: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index rows ``C H^-1 g(z)`` [N, D] and self-influence ``s(z)`` [N] of every slot of ``pool``,
+    ``chunk`` slots at a time (float32). The one computation of index rows: the single-process build
+    runs it over the whole pool, a sharded build over chunk-aligned runs of it (same chunks, same rows)."""
+    space = ParameterSpace.convolutions(model)
+    rows, self_influence = [], []
+    for start in tqdm(range(0, len(pool), chunk), desc="index", unit="chunk", disable=not progress):
+        grads = space.per_sample_gradients(prepare(pool.select(slice(start, start + chunk))), chunk)
+        preconditioned = curvature.solve(grads)
+        self_influence.append((grads * preconditioned).sum(-1))
+        rows.append(compressor(preconditioned) if compressor else preconditioned)
+    return torch.cat(rows).float(), torch.cat(self_influence).float()
+
+
+Sharding = Callable[[DeepRx, InverseCurvature, Compressor | None, SlotBatch, list[str], int, bool],
+                    Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]]
+"""``shards(model, curvature, compressor, pool, ids, chunk, progress)`` yields ``(rows, self_influence,
+slot ids)`` for consecutive runs of ``pool`` in order, each computed by :func:`pool_rows`."""
+
+
+def in_process(model: DeepRx, curvature: InverseCurvature, compressor: Compressor | None, pool: SlotBatch,
+               ids: list[str], chunk: int, progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """The whole pool in this process: one run, one shard."""
+    yield (*pool_rows(model, curvature, compressor, pool, chunk, progress), list(ids))
+
+
 class GradientIndex:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -85,33 +119,32 @@ class GradientIndex:
         return ids
 
     # ------------------------------------------------------------------ writing
-    def _rows(self, space: ParameterSpace, curvature: InverseCurvature, compressor: Compressor | None,
-              pool: SlotBatch, chunk: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, self_influence = [], []
-        for start in tqdm(range(0, len(pool), chunk), desc="index", unit="chunk", disable=not progress):
-            grads = space.per_sample_gradients(prepare(pool.select(slice(start, start + chunk))), chunk)
-            preconditioned = curvature.solve(grads)
-            self_influence.append((grads * preconditioned).sum(-1))
-            rows.append(compressor(preconditioned) if compressor else preconditioned)
-        return torch.cat(rows).float(), torch.cat(self_influence).float()
-
-    def _append_shard(self, manifest: dict, rows: torch.Tensor, self_influence: torch.Tensor,
-                      ids: list[str]) -> None:
-        name = f"shard-{len(manifest['shards']):05d}"
-        tmp = self.directory / f"{name}.safetensors.tmp"
-        save_file({"rows": rows.contiguous(), "self_influence": self_influence.contiguous()}, str(tmp))
-        os.replace(tmp, self.directory / f"{name}.safetensors")
-        _write_json(self.directory / f"{name}.json", ids)
-        manifest["shards"].append(name)
-        manifest["rows"] += len(ids)
+    def _write_shards(self, manifest: dict, shards: Sharding, model: DeepRx, curvature: InverseCurvature,
+                      compressor: Compressor | None, pool: SlotBatch, ids: list[str], chunk: int,
+                      progress: bool) -> None:
+        """Write a shard file per run ``shards`` yields, then the manifest naming them (the commit point)."""
+        expected = manifest["rows"] + len(ids)
+        for rows, self_influence, shard_ids in shards(model, curvature, compressor, pool, ids, chunk, progress):
+            if not len(rows) == len(self_influence) == len(shard_ids):
+                raise RuntimeError(f"a shard of {len(shard_ids)} slots came back with {len(rows)} rows")
+            name = f"shard-{len(manifest['shards']):05d}"
+            tmp = self.directory / f"{name}.safetensors.tmp"
+            save_file({"rows": rows.contiguous(), "self_influence": self_influence.contiguous()}, str(tmp))
+            os.replace(tmp, self.directory / f"{name}.safetensors")
+            _write_json(self.directory / f"{name}.json", shard_ids)
+            manifest["shards"].append(name)
+            manifest["rows"] += len(shard_ids)
+        if manifest["rows"] != expected:
+            raise RuntimeError(f"the shards hold {manifest['rows']} rows, expected {expected}")
         _write_json(self.directory / MANIFEST, manifest)  # the commit point
 
     def _curvature(self, model: DeepRx, fit: SlotBatch, config: IndexConfig) -> InverseCurvature:
         return fit_curvature(ParameterSpace.convolutions(model.eval()), prepare(fit), config.curvature)
 
     def build(self, model: DeepRx, model_version: str, pool: SlotBatch, ids: list[str], fit_ids: list[str],
-              config: IndexConfig, progress: bool = True) -> None:
-        """Index ``pool`` (slot ``ids``) from scratch; H is fitted on the pool slots named ``fit_ids``."""
+              config: IndexConfig, progress: bool = True, shards: Sharding = in_process) -> None:
+        """Index ``pool`` (slot ``ids``) from scratch; H is fitted here on the pool slots named ``fit_ids``
+        and ``shards`` computes the rows with it (default: in this process)."""
         if len(ids) != len(pool) or len(set(ids)) != len(ids):
             raise ValueError("ids must name each pool slot once")
         position = {slot_id: i for i, slot_id in enumerate(ids)}
@@ -125,12 +158,10 @@ class GradientIndex:
         manifest = {"model_version": model_version, "fit_ids": list(fit_ids), "damping": curvature.damping,
                     "config": {**asdict(config), "curvature": asdict(config.curvature)}, "shards": [], "rows": 0}
         compressor = Compressor.parse(config.compression) if config.compression else None
-        rows, self_influence = self._rows(ParameterSpace.convolutions(model), curvature, compressor, pool,
-                                          config.chunk, progress)
-        self._append_shard(manifest, rows, self_influence, list(ids))
+        self._write_shards(manifest, shards, model, curvature, compressor, pool, list(ids), config.chunk, progress)
 
     def extend(self, model: DeepRx, model_version: str, pool: SlotBatch, ids: list[str], fit: SlotBatch,
-               progress: bool = True) -> int:
+               progress: bool = True, shards: Sharding = in_process) -> int:
         """Add the slots of ``pool`` not yet indexed; ``fit`` holds the manifest's fit slots, in order.
         Returns how many rows were added."""
         manifest = self.manifest
@@ -147,9 +178,8 @@ class GradientIndex:
                              settings["compression"], settings["chunk"])
         curvature = self._curvature(model, fit, config)
         compressor = Compressor.parse(config.compression) if config.compression else None
-        rows, self_influence = self._rows(ParameterSpace.convolutions(model), curvature, compressor,
-                                          pool.select(new), config.chunk, progress)
-        self._append_shard(manifest, rows, self_influence, [ids[i] for i in new])
+        self._write_shards(manifest, shards, model, curvature, compressor, pool.select(new), [ids[i] for i in new],
+                           config.chunk, progress)
         return len(new)
 
     # ------------------------------------------------------------------ reading
