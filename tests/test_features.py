@@ -6,7 +6,7 @@ from sionna.phy.ofdm import LMMSEEqualizer
 
 from schema.dataset import read_slots
 from service.receiver.classical import PilotLayoutError, ls_channel_estimate, mrc_equalize, pusch_resource_grid
-from service.receiver.features import featurize, num_input_channels, prepare
+from service.receiver.features import LLR_CLIP, featurize, num_input_channels, prepare
 
 
 def _slots(path):
@@ -22,7 +22,7 @@ def test_channel_layout_and_pilot_placement(train_mix_file):
     slots = _slots(train_mix_file)
     rx = slots.y.shape[1]
     x = prepare(slots).features  # [B, 6A+6, F, S]
-    assert x.shape == (len(slots), num_input_channels(rx, "classical"), slots.y.shape[3], 14)
+    assert x.shape == (len(slots), num_input_channels(rx, "residual"), slots.y.shape[3], 14)
     assert num_input_channels(rx, "grid") == 4 * rx + 2
     pilot_re = torch.from_numpy(np.abs(slots.pilots) > 0).transpose(1, 2)  # [B, F, S]
     pilot_channels = x[:, 2 * rx:2 * rx + 2]
@@ -42,7 +42,7 @@ def test_raw_ls_is_y_times_conj_pilot_for_unit_pilots():
     phases = torch.rand(14, 12, generator=g) * 2 * torch.pi
     pilots = torch.zeros(2, 14, 12, dtype=torch.complex64)
     pilots[:, 2, ::2] = torch.polar(torch.ones(6), phases[2, ::2])  # unit-modulus DMRS on symbol 2
-    x = featurize(y, pilots, torch.full((2,), 0.1))
+    x = featurize(y, pilots, torch.full((2,), 0.1), torch.full((2,), 4))
     rms = y.abs().square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
     expected = (y / rms) * pilots[:, None].conj()
     ls = torch.complex(x[:, 6:8], x[:, 8:10]).transpose(2, 3)  # back to [B, A, S, F]
@@ -69,7 +69,8 @@ def test_features_do_not_depend_on_receiver_gain(train_mix_file, known_noise):
     y = torch.from_numpy(slots.y)
     p = torch.from_numpy(slots.pilots)
     no = _noise(slots) if known_noise else torch.zeros(len(slots))
-    torch.testing.assert_close(featurize(3.7 * y, p, 3.7 ** 2 * no), featurize(y, p, no), rtol=1e-4, atol=1e-4)
+    k = torch.from_numpy(slots.bits_per_symbol.astype(np.int64))
+    torch.testing.assert_close(featurize(3.7 * y, p, 3.7 ** 2 * no, k), featurize(y, p, no, k), rtol=1e-4, atol=2e-3)
 
 
 def test_classical_symbols_reproduce_the_ls_lmmse_baseline_bit_for_bit(train_mix_file):
@@ -120,8 +121,9 @@ def test_pilots_of_another_dmrs_sequence_give_the_same_estimate(train_mix_file):
 def test_unknown_noise_is_estimated_from_the_pilots(high_snr_file):
     slots = _slots(high_snr_file)
     y, p = torch.from_numpy(slots.y), torch.from_numpy(slots.pilots)
-    known = featurize(y, p, _noise(slots))[:, -1, 0, 0]
-    estimated = featurize(y, p, torch.zeros(len(slots)))[:, -1, 0, 0]
+    k = torch.from_numpy(slots.bits_per_symbol.astype(np.int64))
+    known = featurize(y, p, _noise(slots), k)[:, -7, 0, 0]  # log10 no, before the 6 LLR channels
+    estimated = featurize(y, p, torch.zeros(len(slots)), k)[:, -7, 0, 0]
     assert (estimated - known).abs().median() < 0.3, "log10 noise within a factor 2 on a smooth channel"
 
 
@@ -130,11 +132,11 @@ def test_pilots_off_a_dmrs_layout_are_refused():
     pilots = torch.zeros(1, 14, 12, dtype=torch.complex64)
     pilots[:, 5, ::2] = 1
     with pytest.raises(PilotLayoutError, match="not a PUSCH DMRS layout"):
-        featurize(y, pilots, torch.ones(1))
+        featurize(y, pilots, torch.ones(1), torch.full((1,), 4))
     pilots = torch.zeros(1, 14, 12, dtype=torch.complex64)
     pilots[:, 2, 1::2] = 1  # right symbol, wrong comb
     with pytest.raises(PilotLayoutError, match="differ"):
-        featurize(y, pilots, torch.ones(1))
+        featurize(y, pilots, torch.ones(1), torch.full((1,), 4))
 
 
 def test_labels_and_valid_mask_follow_the_modulation(train_mix_file):
@@ -142,3 +144,39 @@ def test_labels_and_valid_mask_follow_the_modulation(train_mix_file):
     t = prepare(slots)
     assert t.valid.sum(dim=(1, 2, 3)).tolist() == slots.num_bits.tolist()
     assert torch.all(t.labels[~t.valid] == 0)
+
+
+def test_llr_channels_are_sionnas_maxlog_llrs_of_the_lmmse_estimate(train_mix_file):
+    from sionna.phy.mapping import Demapper
+
+    slots = _slots(train_mix_file)
+    rx = slots.y.shape[1]
+    x = prepare(slots).features
+    symbols = torch.complex(x[:, 6 * rx + 2], x[:, 6 * rx + 3]).transpose(1, 2)  # [B, S, F]
+    no_eff = (10 ** x[:, 6 * rx + 4]).transpose(1, 2)
+    llrs = x[:, -6:].transpose(2, 3)  # [B, 6, S, F]
+    for row in range(0, len(slots), 7):
+        k = int(slots.bits_per_symbol[row])
+        data = torch.from_numpy(slots.data_mask[row])
+        expected = Demapper("maxlog", "qam", k)(symbols[row][data][None], no_eff[row][data][None]).reshape(-1, k)
+        got = llrs[row, :k].permute(1, 2, 0)[data]
+        inside = (symbols[row][data].real.abs() < 4) & (symbols[row][data].imag.abs() < 4)  # the feature clips x
+        torch.testing.assert_close(got[inside], expected.clamp(-LLR_CLIP, LLR_CLIP)[inside], rtol=2e-3, atol=2e-3)
+        assert torch.all(llrs[row, k:] == 0)
+
+
+@pytest.mark.parametrize("additional_position", [0, 1])
+def test_the_ls_operator_equals_sionnas_estimator_block(additional_position):
+    """The sparse operator read off Sionna's PUSCHLSChannelEstimator gives the block's own output."""
+    from service.receiver.classical import pusch_resource_grid, sionna_ls_estimator
+
+    g = torch.Generator().manual_seed(additional_position)
+    y = torch.complex(torch.randn(3, 2, 14, 48, generator=g), torch.randn(3, 2, 14, 48, generator=g))
+    no = torch.rand(3, generator=g) + 0.05
+    pattern = pusch_resource_grid(48, additional_position).pilot_pattern
+    pilots = torch.zeros(14, 48, dtype=torch.complex64)
+    pilots[pattern.mask[0, 0].bool()] = pattern.pilots[0, 0].to(torch.complex64)
+    h, err_var = ls_channel_estimate(y, pilots.expand(3, -1, -1), no)
+    h_ref, err_ref = sionna_ls_estimator(48, additional_position)(y[:, None], no[:, None, None])
+    torch.testing.assert_close(h, h_ref[:, 0, :, 0, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(err_var, err_ref[:, 0, :, 0, 0].float(), rtol=1e-4, atol=1e-6)

@@ -87,3 +87,14 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
 def test_loading_something_that_is_not_a_checkpoint_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_an_untrained_residual_model_is_exactly_ls_lmmse(train_mix_file):
+    """Residual inputs: the correction starts at zero, so the untrained model makes LS-LMMSE's decisions."""
+    from schema.dataset import read_slots
+    from service.receiver.evaluate import evaluate
+
+    slots, _ = read_slots(train_mix_file)
+    torch.manual_seed(0)
+    report = evaluate(DeepRx(config_for("small", inputs="residual")), slots)
+    assert report.errors["deeprx"].tolist() == report.errors["ls_lmmse"].tolist()

@@ -3,27 +3,32 @@ and the one-stream LMMSE equalizer's symbol estimates and effective noise.
 
 The LS estimate is Sionna's ``PUSCHLSChannelEstimator`` (CDM-aware LS at the DMRS, linear
 interpolation in frequency and time), the same block the simulator's LS-LMMSE baseline uses, so
-DeepRx sees exactly the estimate that baseline works from. The estimator knows the DMRS values of
+DeepRx sees exactly the estimate that baseline works from. The block is linear in the received
+pilots, so it is read off once per layout as a sparse matrix and applied as one product. The estimator knows the DMRS values of
 its own PUSCH configuration; a slot whose pilots differ (another scrambling identity, say) is first
 de-rotated at its pilot REs by ``P_sionna / P_slot``, so the LS step divides by the slot's own
 pilots.
 
 For one transmitted stream Sionna's LMMSE equalizer (``sionna.phy.ofdm.LMMSEEqualizer``) reduces to
 maximum-ratio combining with bias removal, ``x = sum_a conj(h_a) y_a / g`` with ``g = sum_a |h_a|^2``,
-and effective noise ``(no + err_var) / g``. That closed form is evaluated here on whole grids
-(a test checks it against Sionna's block), because the general block, with its per-RE matrix
-inverses, costs several times the network's forward pass on a CPU.
+and effective noise ``(no + err_var) / g``; Sionna's max-log demapper (``sionna.phy.mapping.Demapper``)
+gives ``LLR_i = (min_{c: b_i = 0} |x - c|^2 - min_{c: b_i = 1} |x - c|^2) / no_eff`` over Sionna's own
+QAM constellation. Both closed forms are evaluated here on whole grids (tests check them against
+Sionna's blocks), because the general blocks, with per-RE matrix inverses and per-symbol bookkeeping,
+cost several times the network's forward pass on a CPU.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from sionna.phy.mapping import Constellation
 from sionna.phy.nr import PUSCHConfig, PUSCHLSChannelEstimator
 from sionna.phy.nr.pusch_pilot_pattern import PUSCHPilotPattern
 from sionna.phy.ofdm import ResourceGrid
 
-from schema.scenario import NUM_OFDM_SYMBOLS
+from schema.scenario import MAX_BITS_PER_SYMBOL, NUM_OFDM_SYMBOLS
 
 MAX_DMRS_ADDITIONAL_POSITION = 3
 
@@ -56,18 +61,52 @@ def pusch_resource_grid(num_subcarriers: int, additional_position: int) -> Resou
                         device="cpu")
 
 
-@lru_cache(maxsize=None)
-def _estimator(num_subcarriers: int, additional_position: int) -> tuple[PUSCHLSChannelEstimator, torch.Tensor]:
-    """Sionna's LS estimator for one layout, and that layout's DMRS values as a [S, F] grid."""
+def sionna_ls_estimator(num_subcarriers: int, additional_position: int) -> PUSCHLSChannelEstimator:
+    """Sionna's PUSCH LS estimator (CDM-aware LS, linear interpolation) for one layout."""
     config = _pusch_config(num_subcarriers, additional_position)
-    grid = pusch_resource_grid(num_subcarriers, additional_position)
-    estimator = PUSCHLSChannelEstimator(grid, config.dmrs.length, additional_position,
-                                        config.dmrs.num_cdm_groups_without_data, interpolation_type="lin",
-                                        device="cpu")
-    mask = grid.pilot_pattern.mask[0, 0].bool()  # [S, F]: DMRS REs, the empty CDM group included
-    values = torch.zeros(mask.shape, dtype=torch.complex64)
-    values[mask] = grid.pilot_pattern.pilots[0, 0].to(torch.complex64)  # row-major, as Sionna fills the mask
-    return estimator, values
+    return PUSCHLSChannelEstimator(pusch_resource_grid(num_subcarriers, additional_position), config.dmrs.length,
+                                   additional_position, config.dmrs.num_cdm_groups_without_data,
+                                   interpolation_type="lin", device="cpu")
+
+
+@dataclass(frozen=True)
+class _LinearEstimator:
+    """Sionna's LS estimator of one layout as the linear map it is: ``h = M y_pilots``, and its error
+    variance ``no * e``. Read off the block once by feeding it unit impulses; applying it is one
+    sparse matrix product instead of the block's per-call gathers and interpolation passes."""
+
+    matrix: torch.Tensor  # sparse [S*F, P] complex: pilot REs -> every RE
+    pilot_index: torch.Tensor  # [P] flat indices of the pilot REs
+    error_pattern: torch.Tensor  # [S, F]: err_var at unit noise variance
+    reference: torch.Tensor  # [S, F] complex: the DMRS values the estimator assumes (0 elsewhere)
+
+
+@lru_cache(maxsize=None)
+def _estimator(num_subcarriers: int, additional_position: int) -> _LinearEstimator:
+    estimator = sionna_ls_estimator(num_subcarriers, additional_position)
+    pattern = pusch_resource_grid(num_subcarriers, additional_position).pilot_pattern
+    mask = pattern.mask[0, 0].bool()  # [S, F]: DMRS REs, the empty CDM group included
+    reference = torch.zeros(mask.shape, dtype=torch.complex64)
+    reference[mask] = pattern.pilots[0, 0].to(torch.complex64)  # row-major, as Sionna fills the mask
+    pilot_index = torch.nonzero((reference != 0).flatten()).flatten()
+    size, columns = reference.numel(), []
+    # The block is linear where no LS pilot estimate is exactly 0 (an impulse alone would leave zeros
+    # that its edge handling treats differently), so columns are read as responses to a unit step on
+    # top of a base with every pilot nonzero: M e_j = f(base + e_j) - f(base).
+    base = torch.zeros(1, size, dtype=torch.complex64)
+    base[0, pilot_index] = 1 + 0.5j
+
+    def respond(grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, err_var = estimator(grids.reshape(len(grids), 1, 1, *reference.shape), torch.ones(len(grids), 1, 1))
+        return h.reshape(len(grids), size), err_var[0, 0, 0, 0, 0].float()
+
+    at_base, error_pattern = respond(base)
+    for start in range(0, len(pilot_index), 256):
+        index = pilot_index[start:start + 256]
+        steps = base.repeat(len(index), 1)
+        steps[torch.arange(len(index)), index] += 1
+        columns.append((respond(steps)[0] - at_base).T.to_sparse())
+    return _LinearEstimator(torch.cat(columns, dim=1).coalesce(), pilot_index, error_pattern, reference)
 
 
 def check_pilot_layout(pilots: torch.Tensor) -> int:
@@ -79,7 +118,7 @@ def check_pilot_layout(pilots: torch.Tensor) -> int:
         raise PilotLayoutError(f"pilots on OFDM symbols {list(symbols)}: not a PUSCH DMRS layout "
                                f"(one of {[list(s) for s in layouts]})")
     position = layouts[symbols]
-    if not torch.equal(pilots != 0, _estimator(pilots.shape[-1], position)[1] != 0):
+    if not torch.equal(pilots != 0, _estimator(pilots.shape[-1], position).reference != 0):
         raise PilotLayoutError("pilot REs differ from those of the PUSCH DMRS (type 1, one port) on "
                                f"symbols {list(symbols)}")
     return position
@@ -88,13 +127,15 @@ def check_pilot_layout(pilots: torch.Tensor) -> int:
 def ls_channel_estimate(y: torch.Tensor, pilots: torch.Tensor, no: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] (one layout), ``no`` [B] ->
     ``h`` [B, A, S, F] complex and its error variance ``err_var`` [B, 1, S, F]."""
-    estimator, reference = _estimator(pilots.shape[-1], check_pilot_layout(pilots[0]))
+    estimator = _estimator(pilots.shape[-1], check_pilot_layout(pilots[0]))
     on = pilots != 0
-    if not torch.equal(on, (reference != 0).expand_as(on)):
+    if not torch.equal(on, (estimator.reference != 0).expand_as(on)):
         raise PilotLayoutError("slots of one batch must share one pilot layout")
-    ratio = torch.where(on, reference / torch.where(on, pilots, torch.ones_like(pilots)), torch.ones_like(pilots))
-    h, err_var = estimator((y * ratio[:, None])[:, None], no[:, None, None])
-    return h[:, 0, :, 0, 0], err_var[:, 0, :1, 0, 0]
+    index = estimator.pilot_index
+    ratio = estimator.reference.flatten()[index] / pilots.flatten(1)[:, index]  # [B, P]: onto Sionna's pilots
+    received = y.flatten(2)[:, :, index] * ratio[:, None]  # [B, A, P]
+    h = torch.sparse.mm(estimator.matrix, received.reshape(-1, len(index)).T).T  # [B * A, S * F]
+    return h.reshape(y.shape), no[:, None, None, None] * estimator.error_pattern
 
 
 def mrc_equalize(y: torch.Tensor, h: torch.Tensor, err_var: torch.Tensor,
@@ -104,6 +145,41 @@ def mrc_equalize(y: torch.Tensor, h: torch.Tensor, err_var: torch.Tensor,
     x = (h.conj() * y).sum(1) / gain
     no_eff = (no[:, None, None] + err_var[:, 0]) / gain
     return x, no_eff
+
+
+@lru_cache(maxsize=None)
+def _bit_levels(bits_per_symbol: int) -> list[tuple[bool, torch.Tensor, torch.Tensor]]:
+    """Per bit of Sionna's QAM constellation: whether it lives on the real axis, and the axis levels
+    of its points with that bit 0 and 1. Sionna's QAM is a product of two Gray PAMs, each bit a
+    function of one axis, so max-log over the square constellation reduces to max-log over that axis."""
+    points = Constellation("qam", bits_per_symbol, device="cpu").points.to(torch.complex64)
+    bits = (torch.arange(len(points))[:, None] >> torch.arange(bits_per_symbol - 1, -1, -1)) & 1
+    levels = []
+    for i in range(bits_per_symbol):
+        for real, axis in ((True, points.real), (False, points.imag)):
+            by_level = {float(v): set(bits[axis == v, i].tolist()) for v in torch.unique(axis)}
+            if all(len(values) == 1 for values in by_level.values()):
+                levels.append((real, *(torch.tensor([v for v, b in by_level.items() if b == {value}])
+                                       for value in (0, 1))))
+                break
+        else:
+            raise ValueError(f"bit {i} of Sionna's {2 ** bits_per_symbol}-QAM depends on both axes")
+    return levels
+
+
+def maxlog_llrs(x: torch.Tensor, no_eff: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
+    """Max-log LLRs (``log P(b=1) / P(b=0)``) of symbol estimates ``x`` [B, S, F] with effective noise
+    ``no_eff`` [B, S, F] for each slot's QAM order ``bits_per_symbol`` [B] -> [B, 6, S, F], 0 for
+    bits the modulation does not have."""
+    llrs = torch.zeros(x.shape[0], MAX_BITS_PER_SYMBOL, *x.shape[1:])
+    for k in torch.unique(bits_per_symbol).tolist():
+        rows = torch.nonzero(bits_per_symbol == k).flatten()
+        axes = {True: x.real[rows, ..., None], False: x.imag[rows, ..., None]}
+        for i, (real, zeros, ones) in enumerate(_bit_levels(k)):
+            d0 = (axes[real] - zeros).square().amin(-1)
+            d1 = (axes[real] - ones).square().amin(-1)
+            llrs[rows, i] = (d0 - d1) / no_eff[rows]
+    return llrs
 
 
 def pilot_noise_variance(y: torch.Tensor, pilots: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,13 @@ Re H_ls, Im H_ls      2A     Sionna's PUSCH LS estimate interpolated over the wh
 Re x, Im x            2      one-stream LMMSE symbol estimate from ``H_ls`` (``classical.py``)
 log10 no_eff          1      its effective noise variance
 log10 no              1      the noise variance (scaled like ``Y``)
+LLR_ls                6      max-log LLRs of that estimate (LS-LMMSE's soft bits), clipped to
+                             +-``LLR_CLIP``, 0 for bits the modulation does not have
 ====================  =====  =================================================================
 
-A model reads a prefix of them: ``grid`` inputs (the published DeepRx, ``4A + 2`` channels) or
-``classical`` inputs (all ``6A + 6``). Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise
+A model reads a prefix of them: ``grid`` inputs (the published DeepRx, ``4A + 2`` channels),
+``classical`` inputs (``6A + 6``) or ``residual`` inputs (all ``6A + 12``: the model then corrects
+LS-LMMSE's LLRs rather than starting from nothing). Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise
 variance comes with the slot (the simulator's, or the sender's estimate); where it is unknown (0),
 the featurizer estimates it from the pilots (``classical.pilot_noise_variance``).
 """
@@ -28,16 +31,17 @@ import torch
 
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
-from service.receiver.classical import ls_channel_estimate, mrc_equalize, pilot_noise_variance
+from service.receiver.classical import ls_channel_estimate, maxlog_llrs, mrc_equalize, pilot_noise_variance
 
-INPUTS = ("grid", "classical")
+INPUTS = ("grid", "classical", "residual")
+LLR_CLIP = 32.0
 _LOG_FLOOR = 1e-6  # log10 features are clamped to [-6, 3]
 
 
 def num_input_channels(rx: int, inputs: str = "grid") -> int:
     if inputs not in INPUTS:
         raise ValueError(f"unknown model inputs '{inputs}' (one of {', '.join(INPUTS)})")
-    return 4 * rx + 2 if inputs == "grid" else 6 * rx + 6
+    return {"grid": 4 * rx + 2, "classical": 6 * rx + 6, "residual": 6 * rx + 6 + MAX_BITS_PER_SYMBOL}[inputs]
 
 
 def num_feature_channels(rx: int) -> int:
@@ -52,9 +56,11 @@ def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
     return {p: torch.nonzero(inverse == p).flatten() for p in range(len(patterns))}
 
 
-def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor) -> torch.Tensor:
-    """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown)
-    -> features [B, 6A+6, F, S] float32. Raises ``PilotLayoutError`` for pilots off a DMRS layout."""
+def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
+              bits_per_symbol: torch.Tensor) -> torch.Tensor:
+    """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown),
+    ``bits_per_symbol`` [B] -> features [B, 6A+12, F, S] float32. Raises ``PilotLayoutError`` for
+    pilots off a DMRS layout."""
     rms = y.abs().square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
     y = y / rms
     no = torch.as_tensor(noise_variance, dtype=torch.float32) / rms.flatten().square()
@@ -69,11 +75,12 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     for rows in _by_layout(pilots).values():
         h[rows], err_var[rows] = ls_channel_estimate(y[rows], pilots[rows], no[rows])
     x, no_eff = mrc_equalize(y, h, err_var, no)
+    llrs = maxlog_llrs(x, no_eff, bits_per_symbol).clamp(-LLR_CLIP, LLR_CLIP)
     log = lambda v: v.clamp(_LOG_FLOOR, 1e3).log10()  # noqa: E731
     channels = torch.cat([
         y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag,
         h.real, h.imag, x.real[:, None].clamp(-4, 4), x.imag[:, None].clamp(-4, 4),
-        log(no_eff)[:, None], log(no)[:, None, None, None].expand(-1, 1, *y.shape[2:]),
+        log(no_eff)[:, None], log(no)[:, None, None, None].expand(-1, 1, *y.shape[2:]), llrs,
     ], dim=1)
     return channels.transpose(2, 3).float().contiguous()
 
@@ -88,7 +95,7 @@ def bit_mask(bits_per_symbol: torch.Tensor) -> torch.Tensor:
 class SlotTensors:
     """Model inputs and labels for a batch of slots, in the model's [B, C, F, S] layout."""
 
-    features: torch.Tensor  # [B, 6A+6, F, S] float32
+    features: torch.Tensor  # [B, 6A+12, F, S] float32
     bits_per_symbol: torch.Tensor  # [B] long
     labels: torch.Tensor  # [B, 6, F, S] float32 coded bits (0 where invalid)
     valid: torch.Tensor  # [B, 6, F, S] bool: data RE and bit used by the modulation
@@ -108,9 +115,9 @@ def prepare(batch: SlotBatch, chunk: int = 2048) -> SlotTensors:
     y = torch.from_numpy(np.ascontiguousarray(batch.y))
     pilots = torch.from_numpy(np.ascontiguousarray(batch.pilots))
     no = torch.from_numpy(10.0 ** (-batch.snr_db.astype(np.float32) / 10))
-    features = torch.cat([featurize(y[i:i + chunk], pilots[i:i + chunk], no[i:i + chunk])
-                          for i in range(0, len(batch), chunk)])
     k = torch.from_numpy(batch.bits_per_symbol.astype(np.int64))
+    features = torch.cat([featurize(y[i:i + chunk], pilots[i:i + chunk], no[i:i + chunk], k[i:i + chunk])
+                          for i in range(0, len(batch), chunk)])
     labels = torch.from_numpy(batch.bits).permute(0, 3, 2, 1).float()  # [B, S, F, 6] -> [B, 6, F, S]
     data = torch.from_numpy(batch.data_mask).transpose(1, 2)[:, None]  # [B, 1, F, S]
     return SlotTensors(features, k, labels.contiguous(), (data & bit_mask(k)).contiguous())

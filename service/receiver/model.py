@@ -16,6 +16,7 @@ from torch import nn
 from schema.scenario import MAX_BITS_PER_SYMBOL
 from service.receiver.features import bit_mask, num_input_channels
 
+LLR_INPUT_SCALE = 8.0
 _FULL_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 128, 128, 64, 64)
 # (subcarrier, symbol) dilations: wide in frequency where the channel is smooth, short in time.
 _FULL_DILATIONS = ((1, 1), (1, 1), (2, 3), (2, 3), (2, 3), (3, 6), (2, 3), (2, 3), (2, 3), (1, 1), (1, 1))
@@ -117,8 +118,9 @@ class MatchedFilter(nn.Module):
 
 
 class DeepRx(nn.Module):
-    """features [B, 6A+6, F, S] (it reads the first ``num_inputs``), bits_per_symbol [B]
-    -> logits [B, 6, F, S] (unused bits are 0)."""
+    """features [B, 6A+12, F, S] (it reads the first ``num_inputs``), bits_per_symbol [B]
+    -> logits [B, 6, F, S] (unused bits are 0). With ``residual`` inputs the logits are LS-LMMSE's
+    LLRs plus the network's correction."""
 
     def __init__(self, config: DeepRxConfig):
         super().__init__()
@@ -132,15 +134,24 @@ class DeepRx(nn.Module):
         self.matched_filter = (MatchedFilter(widths[config.products_after], config.products, config.rx)
                                if config.products else None)
         self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.Conv2d(widths[-1], MAX_BITS_PER_SYMBOL, 1))
+        self.residual = config.inputs == "residual"
+        if self.residual:  # a correction of LS-LMMSE's LLRs that starts at zero: the untrained model is LS-LMMSE
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
-        x = self.input_conv(features[:, :self.num_inputs])
+        inputs = features[:, :self.num_inputs]
+        if self.residual:  # the LLR channels (the last 6) enter scaled to the other features' range
+            prior = inputs[:, -MAX_BITS_PER_SYMBOL:]
+            inputs = torch.cat([inputs[:, :-MAX_BITS_PER_SYMBOL], prior / LLR_INPUT_SCALE], dim=1)
+        x = self.input_conv(inputs)
         rx = self.config.rx  # features start with Re Y (rx channels), then Im Y (rx channels)
         for index, block in enumerate(self.blocks):
             x = block(x)
             if self.matched_filter is not None and index == self.config.products_after:
                 x = self.matched_filter(x, features[:, :rx], features[:, rx:2 * rx])
-        return self.head(x) * bit_mask(bits_per_symbol)
+        logits = self.head(x) + prior if self.residual else self.head(x)
+        return logits * bit_mask(bits_per_symbol)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
