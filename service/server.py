@@ -60,7 +60,7 @@ class ReceiverServer:
             self.registry.activate(self.registry.import_checkpoint(model_dir, creator="serve --model"))
         self.metrics = ServiceMetrics(CollectorRegistry(), config.monitor.max_contexts)
         self.metrics.model.info({"version": self.registry.active.version})
-        self.metrics.scoped_versions.set(len(self.registry.scopes()))
+        self.metrics.show_scopes(self.registry.scopes())
         self.registry.on_activate(self._on_swap)
         self.store = None
         if config.capture.enabled:
@@ -106,7 +106,7 @@ class ReceiverServer:
         self.metrics.model_swaps.inc()
         if activation.context is not None:
             served = activation.version.version if activation.version else f"{self.registry.active.version} (global)"
-            self.metrics.scoped_versions.set(len(self.registry.scopes()))
+            self.metrics.show_scopes(self.registry.scopes())
             log.info("context %s is now served by %s", activation.context, served)
             return
         self.metrics.model.info({"version": activation.version.version})

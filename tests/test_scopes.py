@@ -80,4 +80,4 @@ def test_scope_rpcs(server, channel):
     stub.ActivateModel(pb.ActivateModelRequest(version=v2, context="a"))
     with pytest.raises(grpc.RpcError) as err:
         stub.ActivateModel(pb.ActivateModelRequest(version=v2, context="b"))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_scoped = 1" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "max_scoped = 1" in err.value.details()

@@ -247,6 +247,7 @@ class AdaptationWorker:
         if job.stage:
             job.stage_seconds[job.stage] = round(now - self._stage_start, 2)
         job.stage, job.progress, self._stage_start = name, progress, now
+        self._log.save(job)  # a crash report names the stage it interrupted
 
     def _adapt(self, job: Job) -> None:
         scoped = job.scope != "global"

@@ -152,5 +152,7 @@ class InferenceRpcs(RpcBase):
             response.accepted += 1
             response.errors.add(slot_id=item.slot_id, context=served.context, bit_errors=errors,
                                 num_bits=num_bits, model_version=served.model_version)
+        if response.accepted:
+            self.metrics.targets.set(len(self.monitor.targets(self.target_rule)))
         self._ok("ReportFeedback")
         return response

@@ -65,7 +65,7 @@ class ModelRpcs(RpcBase):
             self._reject("ActivateModel", RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                                        f"version: '{request.version}' cannot be served: {err}"), context)
         except ScopeLimitError as err:
-            self._reject("ActivateModel", RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"context: {err}"), context)
+            self._reject("ActivateModel", RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"context: {err}"), context)
         except RequestError as err:
             self._reject("ActivateModel", err, context)
         self._ok("ActivateModel")

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OTHER_CONTEXT = "_other"
+REJECTION_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                   "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL")
 
 
 class ServiceMetrics:
@@ -87,6 +89,19 @@ class ServiceMetrics:
                                            registry=r)
         self.adaptation_rollbacks = Counter("deeprx_adaptation_rollbacks",
                                             "Swaps rolled back after live BER regressed", registry=r)
+        self.scoped_version = Gauge("deeprx_scoped_version_info",
+                                    "1 for each context served by a version scoped to it (at most models.max_scoped)",
+                                    ["context", "version"], registry=r)
+        for code in REJECTION_CODES:  # every series exists from the start, so a first rejection is an increase
+            self.rejected_requests.labels(code)
+
+    def show_scopes(self, scopes: dict[str, str]) -> None:
+        """Make ``deeprx_scoped_version_info`` and ``deeprx_scoped_versions`` say exactly ``scopes``."""
+        with self._lock:
+            self.scoped_version.clear()
+            for context, version in scopes.items():
+                self.scoped_version.labels(context, version).set(1)
+            self.scoped_versions.set(len(scopes))
 
     def context_label(self, context: str) -> str:
         """The label for ``context``: itself for the first ``max_contexts`` seen, else ``_other``."""
