@@ -1,8 +1,12 @@
-"""Serving benchmark: streamed slots/s and latency of the receiver service vs a bare gRPC echo.
+"""Serving benchmark, side by side in one run: the inference backends alone, the receiver service
+on each backend, and a bare gRPC echo.
 
-Both servers run as separate processes on 127.0.0.1 and receive the same Slot messages; the echo
-answers each with a SlotResult of the same LLR payload size without decoding, featurizing or
-running a model, so service / echo is the cost of the service itself.
+Backends alone: the model's forward pass on the same featurized batches (sizes ``--batches``) with
+eager PyTorch and with ONNX Runtime, in this process before any server starts: slots/s, latency per
+batch and the largest LLR difference. Servers run as separate processes on 127.0.0.1 and receive
+the same Slot messages; the echo answers each with a SlotResult of the same LLR payload size
+without decoding, featurizing or running a model, so service / echo is the cost of the service.
+"server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds).
 
     .venv/bin/python benchmarks/serving.py --model models/small --data data/train-heldout.h5 --slots 480
 """
@@ -31,6 +35,9 @@ from proto import codec  # noqa: E402
 from proto import receiver_pb2 as pb  # noqa: E402
 from proto import receiver_pb2_grpc as pb_grpc  # noqa: E402
 from schema.dataset import read_slots  # noqa: E402
+from service.receiver.checkpoint import load_checkpoint  # noqa: E402
+from service.receiver.features import prepare  # noqa: E402
+from service.serving.backend import OnnxRuntimeBackend, TorchBackend  # noqa: E402
 
 
 class EchoReceiver(pb_grpc.ReceiverServicer):
@@ -86,7 +93,46 @@ def measure(port: int, slots, streams: int, window: int) -> dict:
         stream_slots(ch, slots.select(slice(0, 2 * streams)), "warmup", streams=streams, prefix="warm")
         report, _ = stream_slots(ch, slots, "bench", streams=streams, window=window, prefix=f"s{streams}")
     return {"slots_per_second": report.slots / report.seconds, "p50_ms": report.percentile_ms(50),
-            "p99_ms": report.percentile_ms(99), "failures": report.failures}
+            "p99_ms": report.percentile_ms(99), "server_p50_ms": report.percentile_ms(50, server=True),
+            "failures": report.failures}
+
+
+def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) -> tuple[float, list]:
+    """Median seconds per batch of ``batch`` slots over ``repeats`` passes through every full batch."""
+    starts = range(0, len(features) - batch + 1, batch)
+    backend(features[:batch], bits_per_symbol[:batch])  # warm-up: first-call allocations and graph setup
+    times, outputs = [], []
+    for _ in range(repeats):
+        for start in starts:
+            t = time.perf_counter()
+            outputs.append(backend(features[start:start + batch], bits_per_symbol[start:start + batch]))
+            times.append(time.perf_counter() - t)
+    return float(np.median(times)), outputs[:len(starts)]
+
+
+def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int) -> list[dict]:
+    """Eager PyTorch vs ONNX Runtime on the same featurized batches (threads: each library's default)."""
+    model = load_checkpoint(model_dir).model.eval()
+    data = prepare(slots)
+    eager, onnx = TorchBackend(model), OnnxRuntimeBackend(model)
+    rows = []
+    for batch in batches:
+        eager_s, eager_out = _time_backend(eager, data.features, data.bits_per_symbol, batch, repeats)
+        onnx_s, onnx_out = _time_backend(onnx, data.features, data.bits_per_symbol, batch, repeats)
+        difference = max(float((a - b).abs().max()) for a, b in zip(eager_out, onnx_out))
+        rows.append({"batch": batch, "eager_ms": eager_s * 1e3, "onnxruntime_ms": onnx_s * 1e3,
+                     "eager_slots_per_second": batch / eager_s, "onnxruntime_slots_per_second": batch / onnx_s,
+                     "speedup": eager_s / onnx_s, "max_llr_difference": difference})
+    return rows
+
+
+def start_service(model: Path, port: int, backend: str) -> subprocess.Popen:
+    config = Path(tempfile.mkdtemp(prefix="deeprx-bench-")) / "serve.toml"
+    config.write_text(f'[inference]\nbackend = "{backend}"\n')
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
+                             "--store", str(config.parent / "store"), "--config", str(config),
+                             "--port", str(port), "--metrics-port", "0"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> int:
@@ -96,6 +142,10 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=480)
     parser.add_argument("--streams", default="1,4,16", help="comma-separated concurrent stream counts")
     parser.add_argument("--window", type=int, default=2, help="slots in flight per stream")
+    parser.add_argument("--batches", default="1,16,64", help="batch sizes for the backends-alone rows")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the slots per backend and batch size")
+    parser.add_argument("--service-backends", dest="service_backends", default="onnxruntime,torch",
+                        help="inference.backend of each service run, comma-separated")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal: run the echo server
     args = parser.parse_args()
@@ -105,39 +155,46 @@ def main() -> int:
 
     slots, _ = read_slots(args.data)
     slots = slots.select(slice(0, args.slots))
-    service_port, echo_port = _free_port(), _free_port()
-    store = tempfile.mkdtemp(prefix="deeprx-bench-")
-    servers = [
-        subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(args.model), "--store", store,
-                          "--port", str(service_port), "--metrics-port", "0"], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server", str(echo_port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
+    backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats)
+    ports = {name: _free_port() for name in args.service_backends.split(",")}
+    echo_port = _free_port()
+    servers = [start_service(args.model, port, name) for name, port in ports.items()]
+    servers.append(subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server",
+                                     str(echo_port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
-        _wait_healthy(service_port)
-        _wait_healthy(echo_port)
+        for port in [*ports.values(), echo_port]:
+            _wait_healthy(port)
         rows = []
         for streams in map(int, args.streams.split(",")):
-            service = measure(service_port, slots, streams, args.window)
-            echo = measure(echo_port, slots, streams, args.window)
-            rows.append({"streams": streams, "service": service, "echo": echo,
-                         "throughput_ratio": echo["slots_per_second"] / service["slots_per_second"]})
+            row = {"streams": streams, "echo": measure(echo_port, slots, streams, args.window)}
+            for name, port in ports.items():
+                row[name] = measure(port, slots, streams, args.window)
+            rows.append(row)
     finally:
         for server in servers:
             server.terminate()
             server.wait(timeout=30)
-    result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "rows": rows,
-              "model": str(args.model)}
+    result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,
+              "rows": rows, "model": str(args.model)}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{len(slots)} slots per run, {args.window} in flight per stream, {os.cpu_count()} CPUs, model {args.model}")
-    print(f"{'streams':>7} | {'service slots/s':>15} {'p50 ms':>7} {'p99 ms':>7} | {'echo slots/s':>12} "
-          f"{'p50 ms':>7} {'p99 ms':>7} | echo/service")
+    print(f"{len(slots)} slots, model {args.model}, {os.cpu_count()} CPUs")
+    print("\nbackends alone (same featurized batches)")
+    print(f"{'batch':>5} | {'eager ms':>9} {'slots/s':>8} | {'onnxruntime ms':>14} {'slots/s':>8} | "
+          f"{'speedup':>7} | max |dLLR|")
+    for b in backends:
+        print(f"{b['batch']:>5} | {b['eager_ms']:>9.2f} {b['eager_slots_per_second']:>8.0f} | "
+              f"{b['onnxruntime_ms']:>14.2f} {b['onnxruntime_slots_per_second']:>8.0f} | {b['speedup']:>6.1f}x | "
+              f"{b['max_llr_difference']:.1e}")
+    print(f"\nstreamed, {args.window} in flight per stream (client p50/p99; server p50 = arrival to result)")
+    names = [*ports, "echo"]
+    print(f"{'streams':>7} | " + " | ".join(f"{name + ' slots/s':>20} {'p50':>6} {'p99':>6} {'srv p50':>7}"
+                                             for name in names))
     for r in rows:
-        s, e = r["service"], r["echo"]
-        print(f"{r['streams']:>7} | {s['slots_per_second']:>15.1f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} | "
-              f"{e['slots_per_second']:>12.1f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} | {r['throughput_ratio']:>6.1f}x")
+        print(f"{r['streams']:>7} | " + " | ".join(
+            f"{r[n]['slots_per_second']:>20.1f} {r[n]['p50_ms']:>6.1f} {r[n]['p99_ms']:>6.1f} "
+            f"{r[n]['server_p50_ms']:>7.2f}" for n in names))
     return 0
 
 
