@@ -135,18 +135,29 @@ def _models(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
 
     response = _call(args, "ListModels", pb.ListModelsRequest())
-    print(f"{'version':>8} {'active':>6} {'parent':>8} {'creator':>16} {'created':>25}  metrics")
+    print(f"{'version':>8} {'active':>6} {'parent':>8} {'creator':>16} {'created':>25} {'serves contexts':>16}  metrics")
     for m in response.models:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
-        print(f"{m.version:>8} {'*' if m.active else '':>6} {m.parent:>8} {m.creator[:16]:>16} {m.created:>25}  {metrics}")
+        scoped = ",".join(m.scoped_contexts) or "-"
+        print(f"{m.version:>8} {'*' if m.active else '':>6} {m.parent:>8} {m.creator[:16]:>16} {m.created:>25} "
+              f"{scoped[:16]:>16}  {metrics}")
     return 0
 
 
 def _activate(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
 
-    info = _call(args, "ActivateModel", pb.ActivateModelRequest(version=args.version))
-    print(f"active model is now {info.version}")
+    info = _call(args, "ActivateModel", pb.ActivateModelRequest(version=args.version, context=args.context or ""))
+    print(f"{info.version} now serves {repr(args.context) if args.context else 'every context without a scoped version'}")
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    from proto import receiver_pb2 as pb
+
+    response = _call(args, "ReleaseScope", pb.ReleaseScopeRequest(context=args.context))
+    state = "released" if response.released else "had no scoped version"
+    print(f"'{args.context}' {state}; served by {response.serving_version}")
     return 0
 
 
@@ -271,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _server_arguments(adapt)
     adapt.add_argument("--context", help="target context key")
     adapt.add_argument("--slot-ids", dest="slot_ids", nargs="*", default=[], help="explicit target slot ids")
-    adapt.add_argument("--method", default="first-order",
-                       help="first-order, second-order, random or target-only")
+    adapt.add_argument("--method", default="",
+                       help="first-order, second-order, random or target-only (default: the server's "
+                            "[adaptation] method)")
     adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="job option: k, steps, learning_rate, replay, curvature (repeatable)")
     adapt.add_argument("--wait", action="store_true", help="show progress until the job ends")
@@ -284,7 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     activate = commands.add_parser("activate", help="switch the service to (or roll back to) a stored version")
     _server_arguments(activate)
     activate.add_argument("--version", required=True, help="version name, e.g. v3")
+    activate.add_argument("--context", help="serve the version to this context only (a scoped version); "
+                                            "default: the global version")
     activate.set_defaults(run=_activate)
+
+    release = commands.add_parser("release", help="send a context back to the global version",
+                                  description="Drop the context's scoped version (admin); its slots are served "
+                                              "by the global version again.")
+    _server_arguments(release)
+    release.add_argument("--context", required=True, help="context key")
+    release.set_defaults(run=_release)
     return parser
 
 

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--adaptation-slots", dest="adaptation_slots", type=int, default=64,
                             help="labelled target slots a method may use; the rest are held out")
     experiment.add_argument("--held-out-slots", dest="held_out_slots", type=int,
-                            help="score at most this many held-out target slots (default: all the rest)")
+                            help="hold out this many target slots, drawn before the adaptation slots so runs with "
+                                 "other --adaptation-slots score the same held-out slots (default: all the rest)")
     experiment.add_argument("--fit-slots", dest="fit_slots", type=int, default=256,
                             help="pool slots the curvature H is fitted on")
     experiment.add_argument("--rows", type=Path, help="append each result as a JSON line to this file as it is "

@@ -81,3 +81,18 @@ def test_scope_rpcs(server, channel):
     with pytest.raises(grpc.RpcError) as err:
         stub.ActivateModel(pb.ActivateModelRequest(version=v2, context="b"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "max_scoped = 1" in err.value.details()
+
+
+def test_client_scopes_and_releases_a_context(server, capsys):
+    from client.cli import main as client_main
+
+    torch.manual_seed(9)
+    v2 = server.registry.publish(DeepRx(config_for("tiny")).eval(), creator="test")
+    address = ["--server", f"127.0.0.1:{server.port}"]
+    assert client_main(["activate", *address, "--version", v2, "--context", "cell-7"]) == 0
+    assert server.registry.active_for("cell-7").version == v2 and server.registry.active.version == "v1"
+    assert client_main(["models", *address]) == 0
+    assert "cell-7" in capsys.readouterr().out
+    assert client_main(["release", *address, "--context", "cell-7"]) == 0
+    assert "served by v1" in capsys.readouterr().out
+    assert server.registry.active_for("cell-7").version == "v1"

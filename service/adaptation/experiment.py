@@ -69,14 +69,17 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
         curvature = replace(config.update.curvature, damping=default_damping(space, fit, config.update.curvature))
         config = replace(config, update=replace(config.update, curvature=curvature))
     pool_gradient_seconds = time.perf_counter() - start
-    held_out_end = None if config.held_out_slots is None else config.adaptation_slots + config.held_out_slots
     rows = []
     for seed in seeds:
         splits = {}
         for name, target in targets.items():
             order = np.random.default_rng(seed).permutation(len(target))
-            splits[name] = (target.select(order[: config.adaptation_slots]),
-                            target.select(order[config.adaptation_slots:held_out_end]))
+            if config.held_out_slots is None:  # adaptation slots first, every other slot held out
+                adaptation_rows, held_rows = order[: config.adaptation_slots], order[config.adaptation_slots:]
+            else:  # held-out slots first: runs with other adaptation counts score the same held-out slots
+                held_rows = order[: config.held_out_slots]
+                adaptation_rows = order[config.held_out_slots: config.held_out_slots + config.adaptation_slots]
+            splits[name] = (target.select(adaptation_rows), target.select(held_rows))
         runs = [(name, {name: splits[name][1]}, splits[name][0]) for name in targets]
         if multi_target and len(targets) > 1:
             runs.append(("multi", {n: s[1] for n, s in splits.items()},
