@@ -27,7 +27,7 @@ Example ``server.toml``::
     pool = "data/pool.h5"
     regression = "data/train-heldout.h5"
     rehearsal = "data/train.h5"
-    method = "first-order"
+    method = "target-only"
 
     [security]
     admin_token = ""        # empty: --admin-token or DEEPRX_ADMIN_TOKEN; none at all: admin RPCs are open

@@ -6,9 +6,10 @@ import torch
 
 from schema.dataset import read_slots
 from service.adaptation.gate import GateConfig, gate
-from service.adaptation.updates import UpdateConfig, adapt, fine_tune, select_beneficial, target_loss
+from service.adaptation.updates import UpdateConfig, adapt, fine_tune, second_order_step, select_beneficial, target_loss
 from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
+from service.influence.inverse import fit_curvature
 from service.receiver.checkpoint import load_checkpoint
 from service.receiver.features import prepare
 from tests.conftest import simulate
@@ -42,11 +43,33 @@ def test_every_rule_returns_a_new_model_and_leaves_the_input_alone(setting, meth
         assert len(result.selected) > 0 and torch.all(result.scores < 0), "only beneficial slots are used"
 
 
-def test_second_order_line_search_never_raises_the_adaptation_loss(setting):
+def test_second_order_never_raises_the_adaptation_loss(setting):
     model, pool, adaptation, _, _ = setting
     result = adapt(model, pool, adaptation, _config("second-order"))
     assert result.details["adaptation_loss"] <= target_loss(model, adaptation)
     assert target_loss(result.model, adaptation) == pytest.approx(result.details["adaptation_loss"])
+    assert result.details["gradient_evaluations"] > 0
+
+
+def test_the_step_length_is_the_quadratic_models_minimiser(setting):
+    model, pool, adaptation, _, _ = setting
+    space = ParameterSpace.convolutions(model.eval())
+    curvature = fit_curvature(space, pool[:32], CurvatureConfig(method="ekfac"))
+    gradient = space.mean_gradient(adaptation)
+    product = space.ggn_vector_product(adaptation, -gradient)
+    # d = -g: eta* = -g.d / d.(G + lambda I) d = g.g / (g.G g + lambda g.g), and G(-g) = -G g
+    expected = float(gradient @ gradient) / (-float(gradient @ product) + curvature.damping * float(gradient @ gradient))
+    _, details = second_order_step(model, curvature, -gradient, adaptation, iterations=1)
+    assert details["steps"][0]["eta"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_ascent_direction_is_not_taken(setting):
+    model, pool, adaptation, _, _ = setting
+    space = ParameterSpace.convolutions(model.eval())
+    curvature = fit_curvature(space, pool[:32], CurvatureConfig(method="ekfac"))
+    tuned, details = second_order_step(model, curvature, space.mean_gradient(adaptation), adaptation, iterations=3)
+    assert details["accepted_steps"] == 0 and details["adaptation_loss"] == target_loss(model, adaptation)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), model.state_dict().values()))
 
 
 def test_beneficial_slots_help_the_target_more_than_harmful_ones(setting):

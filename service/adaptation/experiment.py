@@ -95,9 +95,9 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                 start = time.perf_counter()
                 update = method_config(method, config.update, seed)
                 torch.manual_seed(seed)
-                adapted = model if update is None else adapt(model, pool_data, adaptation, update,
-                                                             pool_gradients=pool_gradients,
-                                                             rehearsal=rehearsal_data).model
+                result = None if update is None else adapt(model, pool_data, adaptation, update,
+                                                           pool_gradients=pool_gradients, rehearsal=rehearsal_data)
+                adapted = model if result is None else result.model
                 seconds = time.perf_counter() - start
                 non_target = validate(adapted, regression_data)["ber"] - regression_before
                 for target_name, (held_out, before, genie) in baselines.items():
@@ -107,6 +107,8 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                         "method": method, "seed": seed, "ber_before": before, "ber_after": after, "ber_genie": genie,
                         "gap_closure": (before - after) / (before - genie) if before > genie else 0.0,
                         "non_target_ber_change": non_target, "seconds": seconds,
+                        "adaptation_slots": len(adaptation),
+                        "gradient_evaluations": 0 if result is None else result.details.get("gradient_evaluations", 0),
                     })
                     if method.split(":")[0] in GUIDED:
                         rows[-1]["pool_gradient_seconds"] = pool_gradient_seconds

@@ -1,9 +1,13 @@
 """Update rules that adapt DeepRx to a target, and the baselines they are compared with.
 
 - ``first-order``: fine-tune on the top-k beneficial pool slots (most negative influence);
-- ``second-order``: the influence-aligned step ``delta = -eta H^-1 sum_z w_z g(z)`` over the
-  beneficial set, with ``w_z`` proportional to ``-I(z, T)`` (normalised to sum 1), the same H as
-  the retrieval, and ``eta`` chosen by a line search on the target's adaptation slots;
+- ``second-order``: a few Levenberg-Marquardt steps on the target's adaptation loss. The first
+  direction is influence-aligned, ``d = -H^-1 sum_z w_z g(z)`` over the beneficial set (``w_z``
+  proportional to ``-I(z, T)``, normalised to sum 1; H the retrieval's curvature); later ones are
+  re-scored at the new parameters, ``d = -H^-1 g_T``. Each step length comes from the quadratic
+  model, ``eta* = -g^T d / d^T (G + lambda I) d`` with an exact GGN-vector product on the
+  adaptation slots; lambda follows the ratio of actual to predicted decrease, and a step that does
+  not lower the loss is rejected;
 - ``random``: fine-tune on k pool slots drawn uniformly (same k and steps as first-order);
 - ``target-only``: fine-tune on the target's own adaptation slots.
 
@@ -43,7 +47,7 @@ class UpdateConfig:
     score: str = "l-relative"  # ranking score for selection
     curvature: CurvatureConfig = field(default_factory=lambda: CurvatureConfig(method="ekfac"))
     fit_slots: int = 256
-    line_search: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # eta candidates, in units of the step norm
+    second_order_iterations: int = 5  # Levenberg-Marquardt steps of the second-order rule
     replay: float = 0.5  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
     seed: int = 0
 
@@ -94,6 +98,11 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
     return tuned.eval()
 
 
+def _fine_tuning_evaluations(config: UpdateConfig) -> int:
+    """Slot gradients a fine-tuning run computes (steps x batch), rehearsed slots included."""
+    return config.steps * config.batch_size
+
+
 def draw(size: int, count: int, seed: int) -> torch.Tensor:
     """``count`` distinct indices of ``range(size)``, the same ones for the same seed."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]
@@ -119,25 +128,48 @@ def select_beneficial(model: DeepRx, pool: SlotTensors, target: SlotTensors, con
     return scores, selected, curvature, gradients, space
 
 
-def second_order_step(model: DeepRx, space: ParameterSpace, curvature, gradients: torch.Tensor,
-                      weights: torch.Tensor, adaptation: SlotTensors, etas: tuple[float, ...]) -> tuple[DeepRx, dict]:
-    """``theta - eta H^-1 sum_z w_z g(z)`` (``gradients`` [k, P] and ``weights`` [k] of the selected
-    slots) with eta picked by the lowest adaptation-target loss."""
-    direction = curvature.solve(weights @ gradients)
-    norm = float(direction.norm())
-    theta = space.flatten(space.values())
-    best_model, best_loss, best_eta = model, target_loss(model, adaptation), 0.0
-    for scale in etas:
-        eta = scale / max(norm, 1e-12)
-        candidate = copy.deepcopy(model)
-        params = dict(candidate.named_parameters())
-        with torch.no_grad():
-            for name, value in space.unflatten(theta - eta * direction).items():
-                params[name].copy_(value)
-        loss = target_loss(candidate, adaptation)
-        if loss < best_loss:
-            best_model, best_loss, best_eta = candidate, loss, eta
-    return best_model.eval(), {"eta": best_eta, "step_norm": best_eta * norm, "adaptation_loss": best_loss}
+def _with_parameters(model: DeepRx, space: ParameterSpace, theta: torch.Tensor) -> DeepRx:
+    candidate = copy.deepcopy(model)
+    params = dict(candidate.named_parameters())
+    with torch.no_grad():
+        for name, value in space.unflatten(theta).items():
+            params[name].copy_(value)
+    return candidate.eval()
+
+
+def second_order_step(model: DeepRx, curvature, first_direction: torch.Tensor,
+                      adaptation: SlotTensors, iterations: int) -> tuple[DeepRx, dict]:
+    """Levenberg-Marquardt on the mean adaptation loss, starting along ``first_direction`` (a descent
+    candidate, e.g. the influence-aligned ``-H^-1 sum w g``), then along ``-H^-1 g`` re-scored at
+    each accepted point. ``gradient_evaluations`` counts slot passes (gradients and GGN products)."""
+    damping = max(float(getattr(curvature, "damping", 0.0)), 1e-8)
+    loss = target_loss(model, adaptation)
+    steps, evaluations, direction = [], 0, first_direction
+    for _ in range(iterations):
+        space = ParameterSpace.convolutions(model.eval())
+        gradient = space.mean_gradient(adaptation)
+        if direction is None:
+            direction = -curvature.solve(gradient)
+        slope = float(gradient @ direction)
+        product = space.ggn_vector_product(adaptation, direction)
+        evaluations += 2 * len(adaptation)
+        if slope >= 0:  # not a descent direction at this point: nothing left to gain along it
+            steps.append({"slope": slope, "accepted": False})
+            break
+        quadratic = float(direction @ product) + damping * float(direction @ direction)
+        eta = -slope / quadratic
+        predicted = 0.5 * slope * slope / quadratic  # the quadratic model's decrease at eta*
+        candidate = _with_parameters(model, space, space.flatten(space.values()) + eta * direction)
+        new_loss = target_loss(candidate, adaptation)
+        rho = (loss - new_loss) / predicted
+        accepted = new_loss < loss
+        steps.append({"eta": eta, "step_norm": eta * float(direction.norm()), "rho": rho, "damping": damping,
+                      "loss": new_loss, "accepted": accepted})
+        damping *= 2 / 3 if rho > 0.75 else (1.5 if rho < 0.25 else 1.0)
+        if accepted:
+            model, loss, direction = candidate, new_loss, None
+    return model.eval(), {"adaptation_loss": loss, "steps": steps, "accepted_steps": sum(s["accepted"] for s in steps),
+                          "gradient_evaluations": evaluations}
 
 
 @dataclass
@@ -158,11 +190,13 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
     rehearsal = pool if rehearsal is None else rehearsal
     if config.method == "target-only":
         tuned = fine_tune(model, adaptation, config, rehearsal=rehearsal)
-        return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation)})
+        return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation),
+                                                "gradient_evaluations": _fine_tuning_evaluations(config)})
     if config.method == "random":
         chosen = draw(len(pool), config.k, config.seed)
         tuned = fine_tune(model, pool[chosen], config, rehearsal=rehearsal)
-        return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen)})
+        return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen),
+                                                  "gradient_evaluations": _fine_tuning_evaluations(config)})
     if selection is None:
         scores, selected, curvature, gradients, space = select_beneficial(model, pool, adaptation, config,
                                                                           pool_gradients)
@@ -175,7 +209,8 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":
         tuned = fine_tune(model, pool[selected], config, rehearsal=rehearsal)
-        return UpdateResult(tuned, selected, selected_scores, details)
+        return UpdateResult(tuned, selected, selected_scores,
+                            {**details, "gradient_evaluations": _fine_tuning_evaluations(config)})
     if selection is None:
         selected_gradients = gradients[selected]
     else:  # the second-order step needs H and the selected rows' gradients
@@ -184,6 +219,6 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         selected_gradients = space.per_sample_gradients(pool[selected])
     raw = influence(space.mean_gradient(adaptation), selected_gradients, curvature)
     weights = (-raw).clamp_min(0) / (-raw).clamp_min(0).sum().clamp_min(1e-30)
-    tuned, step = second_order_step(model, space, curvature, selected_gradients, weights, adaptation,
-                                    config.line_search)
+    first = -curvature.solve(weights @ selected_gradients)
+    tuned, step = second_order_step(model, curvature, first, adaptation, config.second_order_iterations)
     return UpdateResult(tuned, selected, selected_scores, {**details, **step})

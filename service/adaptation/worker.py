@@ -48,13 +48,18 @@ class AdaptationConfig:
     min_target_slots: int = 16
     rehearsal: str = ""  # HDF5 slots of the training mix that fine-tuning rehearses; empty: the pool
     rehearsal_slots: int = 2000
-    method: str = "first-order"
+    # target-only won on held-out slots of every drift condition at equal steps (docs/adaptation.md):
+    # with a training-mix pool the influence-selected slots cannot teach a new condition
+    method: str = "target-only"
     k: int = 64
-    # 400 Adam steps of 16 slots, 15 of them rehearsed: fitting only the selected drift slots erases
-    # what the model knew of the training mix (README: the experiment's service setting)
-    steps: int = 400
+    steps: int = 400  # Adam steps of 16 slots
+    # global updates: 15 of 16 slots rehearsed, a gentle rate: fitting only drift slots erases what the
+    # model knew of the training mix, which every other context still needs
     learning_rate: float = 3e-4
     replay: float = 0.9375  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
+    # scoped updates serve only their context (its own guard protects it): no rehearsal, a faster rate
+    scoped_learning_rate: float = 1e-3
+    scoped_replay: float = 0.0
     curvature: str = "ekfac"
     min_relative_improvement: float = 0.02
     max_regression: float = 0.002  # absolute BER rise allowed on the regression set (global) or the guard (scoped)
@@ -265,8 +270,10 @@ class AdaptationWorker:
         options = job.options
         config = UpdateConfig(method=job.method, k=int(options.get("k", self.config.k)),
                               steps=int(options.get("steps", self.config.steps)),
-                              learning_rate=float(options.get("learning_rate", self.config.learning_rate)),
-                              replay=float(options.get("replay", self.config.replay)),
+                              learning_rate=float(options.get("learning_rate", self.config.scoped_learning_rate
+                                                              if scoped else self.config.learning_rate)),
+                              replay=float(options.get("replay", self.config.scoped_replay if scoped
+                                                       else self.config.replay)),
                               curvature=CurvatureConfig(method=options.get("curvature", self.config.curvature)),
                               seed=self.config.seed)
         model = copy.deepcopy(parent.model).cpu()  # the serving copy stays where it is
