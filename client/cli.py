@@ -148,7 +148,7 @@ def _activate(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
 
     info = _call(args, "ActivateModel", pb.ActivateModelRequest(version=args.version, context=args.context or ""))
-    print(f"{info.version} now serves {repr(args.context) if args.context else 'every context without a scoped version'}")
+    print(f"{info.version} now serves context '{args.context}'" if args.context else f"active model is now {info.version}")
     return 0
 
 

@@ -208,7 +208,7 @@ def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_s
             assert first.state == pb.AdaptationJob.ACCEPTED and "channels" in first.selected_summary
             lineage = server.registry.info(first.new_version)
             assert lineage["details"]["selection"] == "gradient index"
-            assert lineage["rehearsal"] == str(files["rehearsal"]) and lineage["replay"] == 0.5
+            assert lineage["replay"] == 0.0, "a scoped version serves only its context: no rehearsal"
             text = scrape(server.metrics_port)
             assert re.search(r"^deeprx_influence_index_builds_total 1\.0", text, re.M)
             assert re.search(r"^deeprx_influence_index_stale 0\.0", text, re.M), "a scoped v2 leaves v1 global"
@@ -219,6 +219,8 @@ def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_s
             third = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift",
                                                                             global_update=True)).job_id)
             assert third.state == pb.AdaptationJob.ACCEPTED
+            global_lineage = server.registry.info(third.new_version)
+            assert global_lineage["rehearsal"] == str(files["rehearsal"]) and global_lineage["replay"] == 0.5
             assert re.search(r"^deeprx_influence_index_stale 1\.0", scrape(server.metrics_port), re.M)
             fourth = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
             assert fourth.state == pb.AdaptationJob.ACCEPTED

@@ -291,7 +291,7 @@ def test_every_dashboard_and_rule_expression_runs_on_a_live_server(tmp_path, ada
         assert done.state == pb.AdaptationJob.ACCEPTED and done.scope == "cell-a", done.message
         with pytest.raises(grpc.RpcError) as err:  # cell-a holds the one scoped version allowed
             stub.ActivateModel(pb.ActivateModelRequest(version="v1", context="cell-b"), metadata=admin)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
         must_show = {name for name in expressions if name not in ALLOWED_EMPTY}
         deadline, dark = time.monotonic() + 60, must_show

@@ -97,7 +97,12 @@ class InferenceRpcs(RpcBase):
 
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
         while True:
-            item = window.get()
+            try:
+                item = window.get(timeout=0.2)
+            except queue.Empty:  # a cancelled stream's reader puts nothing: this handler thread must not wait on
+                if context.is_active():
+                    continue
+                return
             if item is end:
                 break
             if isinstance(item, RequestError):
