@@ -209,8 +209,10 @@ def _experiment(args: argparse.Namespace) -> int:
     earlier = [json.loads(line) for line in args.rows.read_text().splitlines()] if resumed else []
     config = ExperimentConfig(args.adaptation_slots, args.held_out_slots,
                               UpdateConfig(k=args.k, steps=args.steps, learning_rate=args.learning_rate,
-                                           replay=args.replay, fit_slots=args.fit_slots))
-    rows_expected = len(seeds) * len(methods) * len(targets) * (2 if args.multi_target and len(targets) > 1 else 1)
+                                           replay=args.replay, fit_slots=args.fit_slots),
+                              specialist_slots=args.specialist_slots, specialist_steps=args.specialist_steps)
+    shared = [m for m in methods if m != "specialist"] if args.multi_target and len(targets) > 1 else []
+    rows_expected = len(seeds) * len(targets) * (len(methods) + len(shared))  # the shared run has no specialist
 
     with tqdm(total=rows_expected, desc="experiment", unit="result", disable=args.json) as bar, \
             (open(args.rows, "a") if args.rows else contextlib.nullcontext()) as rows_file:
@@ -333,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each target (a scenario spec, simulated with deeprx-client, or an HDF5 file): adapt "
                     "with each method, report held-out target BER before/after, gap closure toward genie "
                     "((before - after) / (before - genie)), non-target BER change, wall time, mean and spread "
-                    "over seeds. Methods: none, random, target-only, first-order, second-order; influence-guided "
-                    "ones take :CURVATURE:SCORE, e.g. first-order:identity:raw.")
+                    "over seeds. Methods: none, random, target-only, first-order, second-order, target+first-order; "
+                    "influence-guided ones take :CURVATURE:SCORE, e.g. first-order:identity:raw; specialist is "
+                    "the yardstick (fine-tuned on every target slot not held out until validation BER stops "
+                    "falling), and each gain is also reported as a fraction of the specialist's.")
     experiment.add_argument("--model", type=Path, required=True)
     experiment.add_argument("--pool", type=Path, required=True, help="HDF5 pool the methods draw from")
     experiment.add_argument("--targets", nargs="+", required=True, help="scenario specs or HDF5 files")
@@ -353,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "other --adaptation-slots score the same held-out slots (default: all the rest)")
     experiment.add_argument("--fit-slots", dest="fit_slots", type=int, default=256,
                             help="pool slots the curvature H is fitted on")
+    experiment.add_argument("--specialist-slots", dest="specialist_slots", type=int, default=4000,
+                            help="target slots (not held out) the specialist trains on; its last fifth, at most "
+                                 "256 slots, decides when to stop (needs --held-out-slots; else it gets the "
+                                 "adaptation slots)")
+    experiment.add_argument("--specialist-steps", dest="specialist_steps", type=int, default=3000,
+                            help="the specialist's step cap (checked every 200 steps, stops after 2 checks "
+                                 "without a lower validation BER)")
     experiment.add_argument("--rows", type=Path, help="append each result as a JSON line to this file as it is "
                             "made; the table and plot summarise every row in it, earlier runs' included")
     experiment.add_argument("--multi-target", dest="multi_target", action="store_true",

@@ -6,7 +6,9 @@ import torch
 
 from schema.dataset import read_slots
 from service.adaptation.gate import GateConfig, gate
-from service.adaptation.updates import UpdateConfig, adapt, fine_tune, second_order_step, select_beneficial, target_loss
+from service.adaptation.updates import (EarlyStop, UpdateConfig, adapt, fine_tune, second_order_step, select_beneficial,
+                                       target_loss)
+from service.receiver.train import validate
 from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
 from service.influence.inverse import fit_curvature
@@ -31,7 +33,7 @@ def _config(method: str) -> UpdateConfig:
                         curvature=CurvatureConfig(method="ekfac"))
 
 
-@pytest.mark.parametrize("method", ["first-order", "second-order", "random", "target-only"])
+@pytest.mark.parametrize("method", ["first-order", "second-order", "random", "target-only", "target+first-order"])
 def test_every_rule_returns_a_new_model_and_leaves_the_input_alone(setting, method):
     model, pool, adaptation, _, _ = setting
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -39,8 +41,23 @@ def test_every_rule_returns_a_new_model_and_leaves_the_input_alone(setting, meth
     assert result.model is not model
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
-    if method in ("first-order", "second-order"):
+    if method in ("first-order", "second-order", "target+first-order"):
         assert len(result.selected) > 0 and torch.all(result.scores < 0), "only beneficial slots are used"
+    if method == "target+first-order":  # the target's own slots train beside the selection
+        assert result.details["slots"] == len(adaptation) + len(result.selected)
+
+
+def test_early_stopping_keeps_the_best_checked_weights(setting):
+    model, _, adaptation, held_out, _ = setting
+    stop = EarlyStop(held_out, every=10, patience=2)
+    tuned = fine_tune(model, adaptation, replace(_config("target-only"), steps=200, learning_rate=3e-3, replay=0.0),
+                      early_stop=stop)
+    steps, bers = zip(*stop.history)
+    assert list(steps) == list(range(10, stop.steps_run + 1, 10))
+    if stop.steps_run < 200:  # stopped early: the low came before the last two checks, which did not beat it
+        assert min(bers) in bers[:-2] and min(bers[-2:]) >= min(bers)
+    assert validate(tuned, held_out)["ber"] == min(bers)
+    assert stop.best_step == steps[bers.index(min(bers))]
 
 
 def test_second_order_never_raises_the_adaptation_loss(setting):

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from service.cli import main as service_main
 
 
@@ -37,3 +39,21 @@ def test_experiment_cli_reports_every_method_seed_and_target(trained_tiny_checkp
     assert [r["seed"] for r in resumed["results"]] == [2]
     none = next(s for s in resumed["summary"] if s["target"] == "high-snr" and s["method"] == "none")
     assert none["seeds"] == 3
+
+
+def test_the_specialist_trains_on_every_slot_not_held_out_and_is_the_yardstick(trained_tiny_checkpoint, train_mix_file,
+                                                                               high_snr_file, capsys):
+    assert service_main(["experiment", "--model", str(trained_tiny_checkpoint), "--pool", str(train_mix_file),
+                         "--targets", str(high_snr_file), "--adaptation-slots", "8", "--held-out-slots", "12",
+                         "--specialist-slots", "20", "--specialist-steps", "400", "--seeds", "1",
+                         "--methods", "none,target-only,target+first-order:identity:raw,specialist", "--k", "8",
+                         "--steps", "10", "--learning-rate", "3e-3", "--fit-slots", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    specialist = next(r for r in out["results"] if r["method"] == "specialist")
+    assert specialist["adaptation_slots"] == 16  # 20 slots, the last fifth validates
+    assert specialist["gradient_evaluations"] > 0 and 0 < specialist["specialist_best_step"] <= 400
+    rows = {r["method"]: r for r in out["summary"]}
+    gain = specialist["ber_before"] - specialist["ber_after"]
+    for method, row in rows.items():  # every gain is read against the specialist's
+        expected = (row["ber_before"] - row["ber_after"]) / gain if gain > 0 else None
+        assert expected is None or row["of_specialist"] == pytest.approx(expected)

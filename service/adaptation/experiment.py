@@ -3,8 +3,12 @@ and after, the gap closed toward genie, and what happened to non-target (trainin
 
 gap closure = (BER_before - BER_after) / (BER_before - BER_genie): 1 means the model now matches
 perfect-CSI LMMSE on the target, 0 means no change, negative means worse.
-A method is ``none`` (no update), ``random``, ``target-only``, ``first-order`` or ``second-order``,
-optionally with ``:CURVATURE:SCORE`` for the influence-guided ones (e.g. ``first-order:identity:raw``).
+A method is ``none`` (no update), ``random``, ``target-only``, ``first-order``, ``second-order`` or
+``target+first-order``, optionally with ``:CURVATURE:SCORE`` for the influence-guided ones (e.g.
+``first-order:identity:raw``), or ``specialist``: the yardstick of what the architecture can reach on
+the target, fine-tuned from the served model on plentiful target slots (every slot that is not held
+out, up to ``specialist_slots``) until BER on a validation part of them stops falling. Each method's
+gain is also reported as a fraction of the specialist's gain on the same seed.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 
 from schema.dataset import SlotBatch
-from service.adaptation.updates import GUIDED, UpdateConfig, adapt, draw
+from service.adaptation.updates import GUIDED, EarlyStop, UpdateConfig, adapt, draw, fine_tune
 from service.influence.curvature import default_damping
 from service.influence.gradients import ParameterSpace
 from service.receiver.features import prepare
@@ -28,11 +32,14 @@ class ExperimentConfig:
     adaptation_slots: int = 64  # labelled target slots the methods may use (per target)
     held_out_slots: int | None = None  # target slots scored after adaptation (None: all the rest)
     update: UpdateConfig = field(default_factory=UpdateConfig)  # k, steps, learning rate shared by all methods
+    specialist_slots: int = 4000  # target slots the specialist trains on (its last fifth, at most 256, validates)
+    specialist_steps: int = 3000  # the specialist's cap; it stops earlier when validation BER stops falling
+    specialist_check_every: int = 200
 
 
 def method_config(name: str, base: UpdateConfig, seed: int) -> UpdateConfig | None:
-    """``first-order:ekfac:l-relative`` -> UpdateConfig; ``none`` -> None."""
-    if name == "none":
+    """``first-order:ekfac:l-relative`` -> UpdateConfig; ``none`` and ``specialist`` -> None."""
+    if name in ("none", "specialist"):
         return None
     parts = name.split(":")
     config = replace(base, method=parts[0], seed=seed)
@@ -45,6 +52,18 @@ def method_config(name: str, base: UpdateConfig, seed: int) -> UpdateConfig | No
 
 def _genie_ber(slots: SlotBatch) -> float:
     return float(slots.genie_errors.sum() / max(1, slots.num_bits.sum()))
+
+
+def train_specialist(model: DeepRx, slots: SlotBatch, config: ExperimentConfig, seed: int) -> tuple[DeepRx, dict]:
+    """Fine-tune ``model`` on the target's plentiful ``slots`` (target-only rule, no rehearsal) until
+    BER on their last fifth (at most 256 slots) stops falling."""
+    validation_size = min(256, len(slots) // 5)
+    data = prepare(slots)
+    stop = EarlyStop(data[len(data) - validation_size:], every=config.specialist_check_every)
+    update = replace(config.update, method="target-only", steps=config.specialist_steps, replay=0.0, seed=seed)
+    tuned = fine_tune(model, data[: len(data) - validation_size], update, early_stop=stop)
+    return tuned, {"gradient_evaluations": stop.steps_run * update.batch_size, "specialist_best_step": stop.best_step,
+                   "adaptation_slots": len(data) - validation_size}
 
 
 def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regression: SlotBatch,
@@ -76,28 +95,38 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
             order = np.random.default_rng(seed).permutation(len(target))
             if config.held_out_slots is None:  # adaptation slots first, every other slot held out
                 adaptation_rows, held_rows = order[: config.adaptation_slots], order[config.adaptation_slots:]
+                specialist_rows = adaptation_rows  # nothing else is left to train on
             else:  # held-out slots first: runs with other adaptation counts score the same held-out slots
                 held_rows = order[: config.held_out_slots]
                 adaptation_rows = order[config.held_out_slots: config.held_out_slots + config.adaptation_slots]
-            splits[name] = (target.select(adaptation_rows), target.select(held_rows))
+                specialist_rows = order[config.held_out_slots: config.held_out_slots + config.specialist_slots]
+            splits[name] = (target.select(adaptation_rows), target.select(held_rows), target.select(specialist_rows))
         runs = [(name, {name: splits[name][1]}, splits[name][0]) for name in targets]
         if multi_target and len(targets) > 1:
             runs.append(("multi", {n: s[1] for n, s in splits.items()},
                          SlotBatch.concatenate([s[0] for s in splits.values()])))
         for run_name, held_outs, adaptation_slots in runs:
+            run_methods = [m for m in methods if not (run_name == "multi" and m == "specialist")]  # per target only
             adaptation = prepare(adaptation_slots)
             # per held-out set: tensors, the unadapted model's BER and genie BER, computed once for all methods
             baselines = {}
             for name, slots in held_outs.items():
                 data = prepare(slots)
                 baselines[name] = (data, validate(model, data)["ber"], _genie_ber(slots))
-            for method in methods:
+            for method in run_methods:
                 start = time.perf_counter()
                 update = method_config(method, config.update, seed)
                 torch.manual_seed(seed)
-                result = None if update is None else adapt(model, pool_data, adaptation, update,
-                                                           pool_gradients=pool_gradients, rehearsal=rehearsal_data)
-                adapted = model if result is None else result.model
+                details = {"gradient_evaluations": 0, "adaptation_slots": len(adaptation)}
+                if method == "specialist":
+                    adapted, details = train_specialist(model, splits[run_name][2], config, seed)
+                elif update is None:
+                    adapted = model
+                else:
+                    result = adapt(model, pool_data, adaptation, update, pool_gradients=pool_gradients,
+                                   rehearsal=rehearsal_data)
+                    adapted = result.model
+                    details["gradient_evaluations"] = result.details.get("gradient_evaluations", 0)
                 seconds = time.perf_counter() - start
                 non_target = validate(adapted, regression_data)["ber"] - regression_before
                 for target_name, (held_out, before, genie) in baselines.items():
@@ -106,9 +135,7 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                         "target": target_name if run_name != "multi" else f"multi:{target_name}",
                         "method": method, "seed": seed, "ber_before": before, "ber_after": after, "ber_genie": genie,
                         "gap_closure": (before - after) / (before - genie) if before > genie else 0.0,
-                        "non_target_ber_change": non_target, "seconds": seconds,
-                        "adaptation_slots": len(adaptation),
-                        "gradient_evaluations": 0 if result is None else result.details.get("gradient_evaluations", 0),
+                        "non_target_ber_change": non_target, "seconds": seconds, **details,
                     })
                     if method.split(":")[0] in GUIDED:
                         rows[-1]["pool_gradient_seconds"] = pool_gradient_seconds
@@ -118,16 +145,23 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (target, method)."""
+    """Mean and standard deviation over seeds per (target, method); ``of_specialist``: the gain
+    (BER before - after) as a fraction of the specialist's gain on the same target and seed, over
+    the seeds that have a specialist row (NaN where none has)."""
+    specialist = {(r["target"], r["seed"]): r["ber_before"] - r["ber_after"] for r in rows if r["method"] == "specialist"}
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
+        row = {**row, "of_specialist": ((row["ber_before"] - row["ber_after"]) / specialist[(row["target"], row["seed"])]
+                                        if specialist.get((row["target"], row["seed"]), 0) > 0 else np.nan)}
         groups.setdefault((row["target"], row["method"]), []).append(row)
     summary = []
     for (target, method), items in groups.items():
         entry = {"target": target, "method": method, "seeds": len(items)}
-        for key in ("ber_before", "ber_after", "ber_genie", "gap_closure", "non_target_ber_change", "seconds"):
-            values = np.array([item[key] for item in items])
-            entry[key] = float(values.mean())
+        for key in ("ber_before", "ber_after", "ber_genie", "gap_closure", "of_specialist", "non_target_ber_change",
+                    "seconds", "gradient_evaluations"):
+            values = np.array([item.get(key, np.nan) for item in items], dtype=float)
+            values = values[~np.isnan(values)]
+            entry[key] = float(values.mean()) if len(values) else float("nan")
             entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         summary.append(entry)
     return summary
@@ -135,12 +169,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def format_table(summary: list[dict]) -> str:
     header = (f"{'target':>18} {'method':>28} {'BER before':>10} {'BER after':>16} {'genie':>8} "
-              f"{'gap closure':>14} {'non-target dBER':>16} {'seconds':>8}")
+              f"{'gap closure':>14} {'of specialist':>14} {'non-target dBER':>16} {'seconds':>8}")
     lines = [header, "-" * len(header)]
     for s in summary:
         lines.append(f"{s['target'][:18]:>18} {s['method'][:28]:>28} {s['ber_before']:>10.5f} "
                      f"{s['ber_after']:>9.5f}±{s['ber_after_std']:.4f} {s['ber_genie']:>8.5f} "
                      f"{s['gap_closure']:>8.3f}±{s['gap_closure_std']:.3f} "
+                     f"{s['of_specialist']:>8.3f}±{s['of_specialist_std']:.3f} "
                      f"{s['non_target_ber_change']:>+9.5f}±{s['non_target_ber_change_std']:.4f} {s['seconds']:>8.1f}")
     return "\n".join(lines)
 

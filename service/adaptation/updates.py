@@ -9,7 +9,10 @@
   adaptation slots; lambda follows the ratio of actual to predicted decrease, and a step that does
   not lower the loss is rejected;
 - ``random``: fine-tune on k pool slots drawn uniformly (same k and steps as first-order);
-- ``target-only``: fine-tune on the target's own adaptation slots.
+- ``target-only``: fine-tune on the target's own adaptation slots;
+- ``target+first-order``: fine-tune on the target's own slots together with the top-k beneficial
+  pool slots (scored against the target's gradient): the labels lead, influence adds the pool slots
+  that pull the same way.
 
 Every rule returns a new model; the input model is never modified. Batch norm stays in eval mode
 during fine-tuning (running statistics frozen), matching the per-sample gradients influence used.
@@ -32,9 +35,10 @@ from service.influence.scores import influence, normalised
 from service.receiver.features import SlotTensors
 from service.receiver.loss import bce_bits, per_slot_bce_bits
 from service.receiver.model import DeepRx
+from service.receiver.train import validate
 
-METHODS = ("first-order", "second-order", "random", "target-only")
-GUIDED = ("first-order", "second-order")  # the rules that rank the pool by influence
+METHODS = ("first-order", "second-order", "random", "target-only", "target+first-order")
+GUIDED = ("first-order", "second-order", "target+first-order")  # the rules that rank the pool by influence
 
 
 @dataclass
@@ -77,9 +81,30 @@ def _concatenate(first: SlotTensors, second: SlotTensors) -> SlotTensors:
     return SlotTensors(*(torch.cat([getattr(first, f.name), getattr(second, f.name)]) for f in fields(SlotTensors)))
 
 
-def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal: SlotTensors | None = None) -> DeepRx:
+@dataclass
+class EarlyStop:
+    """Fine-tune until BER on ``validation`` has not fallen for ``patience`` checks ``every`` steps
+    apart, and keep the best weights; ``history`` records (step, BER) of each check."""
+
+    validation: SlotTensors
+    every: int = 200
+    patience: int = 2
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def best_step(self) -> int:
+        return min(self.history, key=lambda item: item[1])[0] if self.history else 0
+
+    @property
+    def steps_run(self) -> int:
+        return self.history[-1][0] if self.history else 0
+
+
+def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal: SlotTensors | None = None,
+              early_stop: EarlyStop | None = None) -> DeepRx:
     """Adam on ``data`` for ``config.steps`` minibatches, ``config.replay`` of each drawn from
-    ``rehearsal`` when given; a copy of ``model`` is trained, BN statistics frozen."""
+    ``rehearsal`` when given; a copy of ``model`` is trained, BN statistics frozen. With
+    ``early_stop``, ``config.steps`` is the cap and the best checked weights are returned."""
     tuned = copy.deepcopy(model).eval()
     for parameter in tuned.parameters():  # served models are frozen; the copy is trained
         parameter.requires_grad_(True)
@@ -87,7 +112,8 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
     generator = torch.Generator().manual_seed(config.seed)
     size = min(config.batch_size, len(data))
     replayed = int(round(config.replay * size)) if rehearsal is not None and len(rehearsal) else 0
-    for _ in range(config.steps):
+    best, worse_checks = None, 0
+    for step in range(1, config.steps + 1):
         batch = data[torch.randint(0, len(data), (size - replayed,), generator=generator)]
         if replayed:
             batch = _concatenate(batch, rehearsal[torch.randint(0, len(rehearsal), (replayed,), generator=generator)])
@@ -95,6 +121,17 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if early_stop is not None and (step % early_stop.every == 0 or step == config.steps):
+            ber = validate(tuned, early_stop.validation)["ber"]
+            early_stop.history.append((step, ber))
+            if best is None or ber < best[0]:
+                best, worse_checks = (ber, copy.deepcopy(tuned.state_dict())), 0
+            else:
+                worse_checks += 1
+                if worse_checks >= early_stop.patience:
+                    break
+    if best is not None:
+        tuned.load_state_dict(best[1])
     return tuned.eval()
 
 
@@ -205,6 +242,11 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         keep = selection.scores < 0
         selected, selected_scores, source = selection.indices[keep], selection.scores[keep], "gradient index"
     details = {"method": config.method, "slots": int(len(selected)), "selection": source}
+    if config.method == "target+first-order":  # the target's own slots lead, beneficial pool slots join them
+        tuned = fine_tune(model, _concatenate(adaptation, pool[selected]), config, rehearsal=rehearsal)
+        return UpdateResult(tuned, selected, selected_scores,
+                            {**details, "slots": len(adaptation) + int(len(selected)),
+                             "gradient_evaluations": _fine_tuning_evaluations(config)})
     if len(selected) == 0:
         return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":
