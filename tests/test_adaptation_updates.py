@@ -6,14 +6,21 @@ import torch
 
 from schema.dataset import read_slots
 from service.adaptation.gate import GateConfig, gate
-from service.adaptation.updates import (EarlyStop, UpdateConfig, adapt, fine_tune, second_order_step, select_beneficial,
-                                       target_loss)
-from service.receiver.train import validate
+from service.adaptation.updates import (
+    EarlyStop,
+    UpdateConfig,
+    adapt,
+    fine_tune,
+    second_order_step,
+    select_beneficial,
+    target_loss,
+)
 from service.influence.curvature import CurvatureConfig
 from service.influence.gradients import ParameterSpace
 from service.influence.inverse import fit_curvature
 from service.receiver.checkpoint import load_checkpoint
 from service.receiver.features import prepare
+from service.receiver.train import validate
 from tests.conftest import simulate
 
 
