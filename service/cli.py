@@ -207,9 +207,10 @@ def _experiment(args: argparse.Namespace) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     resumed = args.rows is not None and args.rows.exists()
     earlier = [json.loads(line) for line in args.rows.read_text().splitlines()] if resumed else []
+    iterations = {"second_order_iterations": args.second_order_iterations} if args.second_order_iterations else {}
     config = ExperimentConfig(args.adaptation_slots, args.held_out_slots,
                               UpdateConfig(k=args.k, steps=args.steps, learning_rate=args.learning_rate,
-                                           replay=args.replay, fit_slots=args.fit_slots),
+                                           replay=args.replay, fit_slots=args.fit_slots, **iterations),
                               specialist_slots=args.specialist_slots, specialist_steps=args.specialist_steps)
     shared = [m for m in methods if m != "specialist"] if args.multi_target and len(targets) > 1 else []
     rows_expected = len(seeds) * len(targets) * (len(methods) + len(shared))  # the shared run has no specialist
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--k", type=int, default=64, help="pool slots selected (first-order, random)")
     experiment.add_argument("--steps", type=int, default=50, help="fine-tuning steps")
     experiment.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-4)
+    experiment.add_argument("--second-order-iterations", dest="second_order_iterations", type=int,
+                            help="Levenberg-Marquardt steps of second-order (default: the worker's); each "
+                                 "costs a gradient and a GGN product over the adaptation slots")
     experiment.add_argument("--replay", type=float, default=0.5,
                             help="fraction of each fine-tuning minibatch drawn from the rehearsal set (0: none)")
     experiment.add_argument("--rehearsal", type=Path,

@@ -41,10 +41,11 @@ def _config(method: str) -> UpdateConfig:
 
 
 @pytest.mark.parametrize("method", ["first-order", "second-order", "random", "target-only", "target+first-order"])
-def test_every_rule_returns_a_new_model_and_leaves_the_input_alone(setting, method):
+def test_every_rule_returns_a_new_model_reports_progress_and_leaves_the_input_alone(setting, method):
     model, pool, adaptation, _, _ = setting
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = adapt(model, pool, adaptation, _config(method))
+    heard = []
+    result = adapt(model, pool, adaptation, _config(method), progress=heard.append)
     assert result.model is not model
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
@@ -52,6 +53,10 @@ def test_every_rule_returns_a_new_model_and_leaves_the_input_alone(setting, meth
         assert len(result.selected) > 0 and torch.all(result.scores < 0), "only beneficial slots are used"
     if method == "target+first-order":  # the target's own slots train beside the selection
         assert result.details["slots"] == len(adaptation) + len(result.selected)
+    # progress is heard as the update goes: rising, ending at 1 when every step or iteration ran
+    assert heard and heard == sorted(heard) and 0 < heard[0] and heard[-1] <= 1
+    if method != "second-order":
+        assert len(heard) == _config(method).steps and heard[-1] == 1
 
 
 def test_early_stopping_keeps_the_best_checked_weights(setting):

@@ -5,7 +5,7 @@ import torch
 
 from service.receiver.checkpoint import load_checkpoint, save_checkpoint
 from service.receiver.loss import bce_bits, bit_errors, per_slot_bce_bits
-from service.receiver.model import DeepRx, DeepRxConfig, MatchedFilter, config_for
+from service.receiver.model import DeepRx, DeepRxConfig, DilatedDepthwiseConv, MatchedFilter, config_for
 
 
 @pytest.mark.parametrize("rx", [1, 2, 4])
@@ -45,6 +45,22 @@ def test_matched_filter_forms_conj_u_times_y_and_energy_exactly():
     u = torch.complex(x[:, 0], x[:, 1])
     assert torch.allclose(out[:, 0] - x[:, 0], (u.conj() * y[:, 0]).real, atol=1e-6)
     assert torch.allclose(out[:, 1] - x[:, 1], u.abs().square(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dilation,width", [((2, 3), 14), ((3, 6), 14), ((3, 6), 5), ((2, 3), 12)])
+def test_dilated_depthwise_convolution_with_gradients_is_the_dilated_convolution(dilation, width):
+    torch.manual_seed(0)
+    conv = DilatedDepthwiseConv(4, dilation).double()
+    x = torch.randn(3, 4, 13, width, dtype=torch.float64, requires_grad=True)
+    direct = torch.nn.functional.conv2d(x, conv.weight, padding=dilation, dilation=dilation, groups=4)
+    rearranged = conv(x)  # parameters require gradients: the space-to-batch path
+    assert torch.allclose(rearranged, direct, atol=1e-12)
+    upstream = torch.randn_like(direct)
+    expected = torch.autograd.grad(direct, [x, conv.weight], upstream)
+    for got, want in zip(torch.autograd.grad(rearranged, [x, conv.weight], upstream), expected):
+        assert torch.allclose(got, want, atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(conv(x), direct, atol=1e-12)
 
 
 def test_configs_without_products_still_load():

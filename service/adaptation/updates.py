@@ -24,6 +24,7 @@ same number of steps and slots per step.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -38,6 +39,7 @@ from service.receiver.model import DeepRx
 from service.receiver.train import validate
 
 METHODS = ("first-order", "second-order", "random", "target-only", "target+first-order")
+Progress = Callable[[float], None]  # hears the fraction of an update done, 0..1
 GUIDED = ("first-order", "second-order", "target+first-order")  # the rules that rank the pool by influence
 
 
@@ -101,10 +103,11 @@ class EarlyStop:
 
 
 def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal: SlotTensors | None = None,
-              early_stop: EarlyStop | None = None) -> DeepRx:
+              early_stop: EarlyStop | None = None, progress: Progress | None = None) -> DeepRx:
     """Adam on ``data`` for ``config.steps`` minibatches, ``config.replay`` of each drawn from
     ``rehearsal`` when given; a copy of ``model`` is trained, BN statistics frozen. With
-    ``early_stop``, ``config.steps`` is the cap and the best checked weights are returned."""
+    ``early_stop``, ``config.steps`` is the cap and the best checked weights are returned.
+    ``progress`` hears the fraction of steps done after each step."""
     tuned = copy.deepcopy(model).eval()
     for parameter in tuned.parameters():  # served models are frozen; the copy is trained
         parameter.requires_grad_(True)
@@ -121,6 +124,8 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if progress is not None:
+            progress(step / config.steps)
         if early_stop is not None and (step % early_stop.every == 0 or step == config.steps):
             ber = validate(tuned, early_stop.validation)["ber"]
             early_stop.history.append((step, ber))
@@ -174,15 +179,15 @@ def _with_parameters(model: DeepRx, space: ParameterSpace, theta: torch.Tensor) 
     return candidate.eval()
 
 
-def second_order_step(model: DeepRx, curvature, first_direction: torch.Tensor,
-                      adaptation: SlotTensors, iterations: int) -> tuple[DeepRx, dict]:
+def second_order_step(model: DeepRx, curvature, first_direction: torch.Tensor, adaptation: SlotTensors,
+                      iterations: int, progress: Progress | None = None) -> tuple[DeepRx, dict]:
     """Levenberg-Marquardt on the mean adaptation loss, starting along ``first_direction`` (a descent
     candidate, e.g. the influence-aligned ``-H^-1 sum w g``), then along ``-H^-1 g`` re-scored at
     each accepted point. ``gradient_evaluations`` counts slot passes (gradients and GGN products)."""
     damping = max(float(getattr(curvature, "damping", 0.0)), 1e-8)
     loss = target_loss(model, adaptation)
     steps, evaluations, direction = [], 0, first_direction
-    for _ in range(iterations):
+    for iteration in range(iterations):
         space = ParameterSpace.convolutions(model.eval())
         gradient = space.mean_gradient(adaptation)
         if direction is None:
@@ -205,6 +210,8 @@ def second_order_step(model: DeepRx, curvature, first_direction: torch.Tensor,
         damping *= 2 / 3 if rho > 0.75 else (1.5 if rho < 0.25 else 1.0)
         if accepted:
             model, loss, direction = candidate, new_loss, None
+        if progress is not None:
+            progress((iteration + 1) / iterations)
     return model.eval(), {"adaptation_loss": loss, "steps": steps, "accepted_steps": sum(s["accepted"] for s in steps),
                           "gradient_evaluations": evaluations}
 
@@ -219,19 +226,19 @@ class Selection:
 
 def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: UpdateConfig,
           selection: Selection | None = None, pool_gradients: torch.Tensor | None = None,
-          rehearsal: SlotTensors | None = None) -> UpdateResult:
+          rehearsal: SlotTensors | None = None, progress: Progress | None = None) -> UpdateResult:
     """Apply ``config.method`` to adapt ``model`` to the target's ``adaptation`` slots. For the
     influence-guided rules, ``selection`` (beneficial rows found by the index) skips scoring the
     pool, and ``pool_gradients`` (per-sample, on ``model``) skips recomputing them. Fine-tuning
     rehearses ``rehearsal`` (e.g. slots of the original training mix), by default the pool."""
     rehearsal = pool if rehearsal is None else rehearsal
     if config.method == "target-only":
-        tuned = fine_tune(model, adaptation, config, rehearsal=rehearsal)
+        tuned = fine_tune(model, adaptation, config, rehearsal=rehearsal, progress=progress)
         return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation),
                                                 "gradient_evaluations": _fine_tuning_evaluations(config)})
     if config.method == "random":
         chosen = draw(len(pool), config.k, config.seed)
-        tuned = fine_tune(model, pool[chosen], config, rehearsal=rehearsal)
+        tuned = fine_tune(model, pool[chosen], config, rehearsal=rehearsal, progress=progress)
         return UpdateResult(tuned, chosen, None, {"method": config.method, "slots": len(chosen),
                                                   "gradient_evaluations": _fine_tuning_evaluations(config)})
     if selection is None:
@@ -243,14 +250,14 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         selected, selected_scores, source = selection.indices[keep], selection.scores[keep], "gradient index"
     details = {"method": config.method, "slots": int(len(selected)), "selection": source}
     if config.method == "target+first-order":  # the target's own slots lead, beneficial pool slots join them
-        tuned = fine_tune(model, _concatenate(adaptation, pool[selected]), config, rehearsal=rehearsal)
+        tuned = fine_tune(model, _concatenate(adaptation, pool[selected]), config, rehearsal=rehearsal, progress=progress)
         return UpdateResult(tuned, selected, selected_scores,
                             {**details, "slots": len(adaptation) + int(len(selected)),
                              "gradient_evaluations": _fine_tuning_evaluations(config)})
     if len(selected) == 0:
         return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":
-        tuned = fine_tune(model, pool[selected], config, rehearsal=rehearsal)
+        tuned = fine_tune(model, pool[selected], config, rehearsal=rehearsal, progress=progress)
         return UpdateResult(tuned, selected, selected_scores,
                             {**details, "gradient_evaluations": _fine_tuning_evaluations(config)})
     if selection is None:
@@ -262,5 +269,5 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
     raw = influence(space.mean_gradient(adaptation), selected_gradients, curvature)
     weights = (-raw).clamp_min(0) / (-raw).clamp_min(0).sum().clamp_min(1e-30)
     first = -curvature.solve(weights @ selected_gradients)
-    tuned, step = second_order_step(model, curvature, first, adaptation, config.second_order_iterations)
+    tuned, step = second_order_step(model, curvature, first, adaptation, config.second_order_iterations, progress)
     return UpdateResult(tuned, selected, selected_scores, {**details, **step})

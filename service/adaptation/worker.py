@@ -287,7 +287,11 @@ class AdaptationWorker:
             selection = self._select_from_index(copy.deepcopy(index_model.model).cpu(), index_model.version,
                                                 pool_slots, adaptation_slots, config)
         self._stage(job, "update", 0.4)
-        result = adapt(model, pool, adaptation, config, selection, rehearsal=self._rehearsal)
+
+        def updating(done: float) -> None:  # the update is the long stage: its bar moves with its steps
+            job.progress = 0.4 + 0.4 * done
+
+        result = adapt(model, pool, adaptation, config, selection, rehearsal=self._rehearsal, progress=updating)
         if result.selected is not None and len(result.selected):
             picked = result.selected.numpy()
             channels = Counter(pool_slots.channel[picked].tolist()).most_common(3)

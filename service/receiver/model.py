@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from schema.scenario import MAX_BITS_PER_SYMBOL
 from service.receiver.features import bit_mask, num_input_channels
@@ -72,10 +73,38 @@ def config_for(size: str, rx: int = 2, inputs: str | None = None) -> DeepRxConfi
     return replace(config, inputs=inputs) if inputs else config
 
 
+class DilatedDepthwiseConv(nn.Conv2d):
+    """Depthwise 3x3 convolution with 'same' padding and dilation (dh, dw). When gradients flow it is
+    computed as an undilated convolution on the space-to-batch rearrangement (each of the dh x dw
+    phases, every dh-th row and dw-th column, becomes a batch item): the same function, but oneDNN's
+    backward of a dilated depthwise convolution is several times slower than the undilated one, and
+    on this CPU it made a fine-tuning step 0.31 s instead of 0.24 s. Inference (no gradients, ONNX
+    export) and torch.func transforms (per-sample gradients, GGN products), where the rearranging
+    copies cost more than they save, keep the direct dilated convolution."""
+
+    def __init__(self, channels: int, dilation: tuple[int, int]):
+        super().__init__(channels, channels, 3, padding=dilation, dilation=dilation, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dh, dw = self.dilation
+        autograd = (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                    and not torch._C._are_functorch_transforms_active())  # under vmap/jvp the copies cost more
+        if (dh, dw) == (1, 1) or not autograd or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        batch, channels, height, width = x.shape
+        rows, cols = -(-height // dh), -(-width // dw)  # phase grid, zero-padded to a multiple
+        x = F.pad(x, (0, cols * dw - width, 0, rows * dh - height))
+        phases = (x.reshape(batch, channels, rows, dh, cols, dw).permute(0, 3, 5, 1, 2, 4)
+                  .reshape(batch * dh * dw, channels, rows, cols))
+        y = F.conv2d(phases, self.weight, padding=1, groups=channels)
+        y = y.reshape(batch, dh, dw, channels, rows, cols).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(batch, channels, rows * dh, cols * dw)[:, :, :height, :width]
+
+
 class _DepthwiseSeparable(nn.Sequential):
     def __init__(self, cin: int, cout: int, dilation: tuple[int, int]):
         super().__init__(
-            nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+            DilatedDepthwiseConv(cin, tuple(dilation)),
             nn.Conv2d(cin, cout, 1),
         )
 
