@@ -208,7 +208,8 @@ def _adapt(args: argparse.Namespace) -> int:
               f"selected: {job.selected_summary or '-'}")
     print(job.message)
     if job.stage_seconds:
-        print("stages: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in job.stage_seconds.items()))
+        slowest_first = sorted(job.stage_seconds.items(), key=lambda stage: -stage[1])
+        print("stages: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in slowest_first))
     return 0 if state in ("ACCEPTED", "REJECTED") else 1
 
 
