@@ -184,7 +184,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from proto import receiver_pb2 as pb
     from proto import receiver_pb2_grpc as pb_grpc
 
-    options = dict(item.split("=", 1) for item in args.option)
+    options = dict(args.option)
     with _channel(args) as channel:
         stub = pb_grpc.ReceiverStub(channel)
         job = stub.TriggerAdaptation(pb.AdaptationRequest(context=args.context or "", slot_ids=args.slot_ids,
@@ -211,6 +211,13 @@ def _adapt(args: argparse.Namespace) -> int:
         slowest_first = sorted(job.stage_seconds.items(), key=lambda stage: -stage[1])
         print("stages: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in slowest_first))
     return 0 if state in ("ACCEPTED", "REJECTED") else 1
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key, value
 
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -286,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--method", default="",
                        help="first-order, second-order, random or target-only (default: the server's "
                             "[adaptation] method)")
-    adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="job option: k, steps, learning_rate, replay, curvature (repeatable)")
+    adapt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                       help="job option: k, steps, learning_rate, replay, curvature, validation_fraction, "
+                            "refine_iterations (repeatable; the server's [adaptation] values otherwise)")
     adapt.add_argument("--wait", action="store_true", help="show progress until the job ends")
     adapt.add_argument("--global", dest="global_update", action="store_true",
                        help="publish for every context (gated on the training-mix regression set) instead of a "

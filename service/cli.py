@@ -210,7 +210,9 @@ def _experiment(args: argparse.Namespace) -> int:
     iterations = {"second_order_iterations": args.second_order_iterations} if args.second_order_iterations else {}
     config = ExperimentConfig(args.adaptation_slots, args.held_out_slots,
                               UpdateConfig(k=args.k, steps=args.steps, learning_rate=args.learning_rate,
-                                           replay=args.replay, fit_slots=args.fit_slots, **iterations),
+                                           replay=args.replay, fit_slots=args.fit_slots,
+                                           validation_fraction=args.validation_fraction,
+                                           refine_iterations=args.refine_iterations, **iterations),
                               specialist_slots=args.specialist_slots, specialist_steps=args.specialist_steps)
     shared = [m for m in methods if m != "specialist"] if args.multi_target and len(targets) > 1 else []
     rows_expected = len(seeds) * len(targets) * (len(methods) + len(shared))  # the shared run has no specialist
@@ -375,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--second-order-iterations", dest="second_order_iterations", type=int,
                             help="Levenberg-Marquardt steps of second-order (default: the worker's); each "
                                  "costs a gradient and a GGN product over the adaptation slots")
+    experiment.add_argument("--validation-fraction", dest="validation_fraction", type=float, default=0.0,
+                            help="target-only and target+first-order hold out this part of the adaptation slots "
+                                 "and keep the fine-tuning step (0 included) with the lowest BER on it, checked "
+                                 "every 50 steps (0: no hold-out, all steps)")
+    experiment.add_argument("--refine-iterations", dest="refine_iterations", type=int, default=0,
+                            help="Levenberg-Marquardt steps along -H^-1 g_T on the adaptation slots after "
+                                 "target-only and target+first-order fine-tuning (0: none)")
     experiment.add_argument("--replay", type=float, default=0.5,
                             help="fraction of each fine-tuning minibatch drawn from the rehearsal set (0: none)")
     experiment.add_argument("--rehearsal", type=Path,

@@ -5,6 +5,7 @@ import time
 import grpc
 import pytest
 
+from client.cli import main as client_main
 from client.stream import data_bits, send_genie_feedback, stream_slots
 from proto import codec
 from proto import receiver_pb2 as pb
@@ -177,8 +178,6 @@ def test_harmful_update_is_rejected_and_never_served(tmp_path, files):
 
 
 def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
-    from client.cli import main as client_main
-
     server = _server(tmp_path, files, method="target-only")
     drift, _ = read_slots(files["drift"])
     try:
@@ -194,6 +193,12 @@ def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
         assert "job-1" in out and "held-out target BER" in out and ("ACCEPTED" in out or "REJECTED" in out)
     finally:
         server.stop(grace=5)
+
+
+def test_client_refuses_a_job_option_without_a_value(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        client_main(["adapt", "--server", "127.0.0.1:1", "--context", "x", "--option", "steps"])
+    assert exit_code.value.code == 2 and "expected KEY=VALUE, got 'steps'" in capsys.readouterr().err
 
 
 def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_swap(tmp_path, files):
@@ -248,7 +253,11 @@ def test_bad_adaptation_requests(server, channel):
     stub = pb_grpc.ReceiverStub(channel)
     for request, text in [(pb.AdaptationRequest(context="x", method="magic"), "method"),
                           (pb.AdaptationRequest(method="first-order"), "target"),
-                          (pb.AdaptationRequest(context="x", options={"bogus": "1"}), "options")]:
+                          (pb.AdaptationRequest(context="x", options={"bogus": "1"}), "options"),
+                          (pb.AdaptationRequest(context="x", options={"steps": "many"}), "steps='many' is not int"),
+                          (pb.AdaptationRequest(context="x", options={"replay": "1.5"}), "replay"),
+                          (pb.AdaptationRequest(context="x", options={"validation_fraction": "1"}), "validation"),
+                          (pb.AdaptationRequest(context="x", options={"curvature": "magic"}), "curvature")]:
         with pytest.raises(grpc.RpcError) as err:
             stub.TriggerAdaptation(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()

@@ -65,11 +65,35 @@ def test_early_stopping_keeps_the_best_checked_weights(setting):
     tuned = fine_tune(model, adaptation, replace(_config("target-only"), steps=200, learning_rate=3e-3, replay=0.0),
                       early_stop=stop)
     steps, bers = zip(*stop.history)
-    assert list(steps) == list(range(10, stop.steps_run + 1, 10))
+    assert list(steps) == list(range(0, stop.steps_run + 1, 10))  # step 0: the unchanged model
     if stop.steps_run < 200:  # stopped early: the low came before the last two checks, which did not beat it
         assert min(bers) in bers[:-2] and min(bers[-2:]) >= min(bers)
     assert validate(tuned, held_out)["ber"] == min(bers)
     assert stop.best_step == steps[bers.index(min(bers))]
+
+
+@pytest.mark.parametrize("method", ["target-only", "target+first-order"])
+def test_a_held_out_part_of_the_target_keeps_the_model_unchanged_when_fine_tuning_only_hurts(setting, method):
+    model, pool, adaptation, _, _ = setting
+    wrecking = replace(_config(method), learning_rate=0.3, validation_fraction=0.25, check_every=10)
+    result = adapt(model, pool, adaptation, wrecking)
+    assert result.details["best_step"] == 0 and result.details["validation_slots"] == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("method", ["target-only", "target+first-order"])
+def test_refinement_after_fine_tuning_lowers_the_adaptation_loss_and_counts_its_evaluations(setting, method):
+    model, pool, adaptation, _, _ = setting
+    tuned = adapt(model, pool, adaptation, _config(method))
+    heard = []
+    refined = adapt(model, pool, adaptation, replace(_config(method), refine_iterations=2), progress=heard.append)
+    refine = refined.details["refine"]
+    assert target_loss(refined.model, adaptation) == pytest.approx(refine["adaptation_loss"], rel=1e-5)
+    assert refine["adaptation_loss"] <= target_loss(tuned.model, adaptation)
+    iterations_run = len(refine["steps"])
+    assert refined.details["gradient_evaluations"] == 40 * 8 + 2 * len(adaptation) * iterations_run
+    assert heard == sorted(heard) and heard[-1] <= 1
 
 
 def test_second_order_never_raises_the_adaptation_loss(setting):

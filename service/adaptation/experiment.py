@@ -127,6 +127,10 @@ def run(model: DeepRx, pool: SlotBatch, targets: dict[str, SlotBatch], regressio
                                    rehearsal=rehearsal_data)
                     adapted = result.model
                     details["gradient_evaluations"] = result.details.get("gradient_evaluations", 0)
+                    if "best_step" in result.details:
+                        details["best_step"] = result.details["best_step"]
+                    if "refine" in result.details:
+                        details["refine_accepted_steps"] = result.details["refine"]["accepted_steps"]
                 seconds = time.perf_counter() - start
                 non_target = validate(adapted, regression_data)["ber"] - regression_before
                 for target_name, (held_out, before, genie) in baselines.items():

@@ -14,6 +14,12 @@
   pool slots (scored against the target's gradient): the labels lead, influence adds the pool slots
   that pull the same way.
 
+Two options apply to the rules that fine-tune on the target's own slots: ``validation_fraction``
+holds that part of them out and keeps the checked weights (the unchanged model included) with the
+lowest BER on it, so a condition with little to learn is not overfitted; ``refine_iterations``
+follows the fine-tuning with Levenberg-Marquardt steps along ``-H^-1 g_T`` on all adaptation slots
+(the second-order rule's optimiser), which gains where fine-tuning stops short.
+
 Every rule returns a new model; the input model is never modified. Batch norm stays in eval mode
 during fine-tuning (running statistics frozen), matching the per-sample gradients influence used.
 Fine-tuning rules rehearse: a ``replay`` fraction of every minibatch is drawn uniformly from a
@@ -54,6 +60,9 @@ class UpdateConfig:
     curvature: CurvatureConfig = field(default_factory=lambda: CurvatureConfig(method="ekfac"))
     fit_slots: int = 256
     second_order_iterations: int = 5  # Levenberg-Marquardt steps of the second-order rule
+    validation_fraction: float = 0.0  # target slots held out to pick the best checked fine-tuning step
+    check_every: int = 50  # fine-tuning steps between validation checks
+    refine_iterations: int = 0  # Levenberg-Marquardt steps after fine-tuning on the target's slots
     replay: float = 0.5  # fraction of each fine-tuning minibatch drawn from the rehearsal slots
     seed: int = 0
 
@@ -62,6 +71,8 @@ class UpdateConfig:
             raise ValueError(f"unknown update method '{self.method}' (one of {', '.join(METHODS)})")
         if not 0.0 <= self.replay < 1.0:
             raise ValueError(f"replay must be in [0, 1), got {self.replay}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
 
 
 @dataclass
@@ -86,7 +97,8 @@ def _concatenate(first: SlotTensors, second: SlotTensors) -> SlotTensors:
 @dataclass
 class EarlyStop:
     """Fine-tune until BER on ``validation`` has not fallen for ``patience`` checks ``every`` steps
-    apart, and keep the best weights; ``history`` records (step, BER) of each check."""
+    apart, and keep the best weights (step 0, the unchanged model, is the first check);
+    ``history`` records (step, BER) of each check."""
 
     validation: SlotTensors
     every: int = 200
@@ -116,6 +128,9 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
     size = min(config.batch_size, len(data))
     replayed = int(round(config.replay * size)) if rehearsal is not None and len(rehearsal) else 0
     best, worse_checks = None, 0
+    if early_stop is not None:
+        best = (validate(tuned, early_stop.validation)["ber"], copy.deepcopy(tuned.state_dict()))
+        early_stop.history.append((0, best[0]))
     for step in range(1, config.steps + 1):
         batch = data[torch.randint(0, len(data), (size - replayed,), generator=generator)]
         if replayed:
@@ -129,7 +144,7 @@ def fine_tune(model: DeepRx, data: SlotTensors, config: UpdateConfig, rehearsal:
         if early_stop is not None and (step % early_stop.every == 0 or step == config.steps):
             ber = validate(tuned, early_stop.validation)["ber"]
             early_stop.history.append((step, ber))
-            if best is None or ber < best[0]:
+            if ber < best[0]:
                 best, worse_checks = (ber, copy.deepcopy(tuned.state_dict())), 0
             else:
                 worse_checks += 1
@@ -216,6 +231,36 @@ def second_order_step(model: DeepRx, curvature, first_direction: torch.Tensor, a
                           "gradient_evaluations": evaluations}
 
 
+def _tune_on_target(model: DeepRx, adaptation: SlotTensors, config: UpdateConfig, pool: SlotTensors,
+                    rehearsal: SlotTensors, extra: SlotTensors | None = None, curvature=None,
+                    progress: Progress | None = None) -> tuple[DeepRx, dict]:
+    """Fine-tune on the target's ``adaptation`` slots (with ``extra`` pool slots), with the
+    ``validation_fraction`` and ``refine_iterations`` options; ``curvature`` (else fitted on the
+    pool) preconditions the refinement. Gradient evaluations count the steps actually run."""
+    train, stop = adaptation, None
+    if config.validation_fraction > 0:
+        order = draw(len(adaptation), len(adaptation), config.seed)
+        held = max(1, round(config.validation_fraction * len(adaptation)))
+        stop = EarlyStop(adaptation[order[:held]], every=config.check_every)
+        train = adaptation[order[held:]]
+    share = 0.8 if config.refine_iterations else 1.0  # of the progress, for fine-tuning
+    tuned = fine_tune(model, train if extra is None else _concatenate(train, extra), config, rehearsal=rehearsal,
+                      early_stop=stop, progress=None if progress is None else lambda done: progress(share * done))
+    steps = config.steps if stop is None else stop.steps_run
+    details = {"slots": len(train) + (0 if extra is None else len(extra)),
+               "gradient_evaluations": steps * config.batch_size}
+    if stop is not None:
+        details.update(best_step=stop.best_step, validation_slots=len(stop.validation))
+    if config.refine_iterations:
+        if curvature is None:
+            curvature = _fit_on_pool(ParameterSpace.convolutions(model.eval()), pool, config)
+        tuned, refine = second_order_step(tuned, curvature, None, adaptation, config.refine_iterations,
+                                          None if progress is None else lambda done: progress(share + (1 - share) * done))
+        details["gradient_evaluations"] += refine.pop("gradient_evaluations")
+        details["refine"] = refine
+    return tuned, details
+
+
 @dataclass
 class Selection:
     """Pool rows already ranked elsewhere (e.g. by the gradient index): indices and their scores."""
@@ -233,9 +278,8 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
     rehearses ``rehearsal`` (e.g. slots of the original training mix), by default the pool."""
     rehearsal = pool if rehearsal is None else rehearsal
     if config.method == "target-only":
-        tuned = fine_tune(model, adaptation, config, rehearsal=rehearsal, progress=progress)
-        return UpdateResult(tuned, None, None, {"method": config.method, "slots": len(adaptation),
-                                                "gradient_evaluations": _fine_tuning_evaluations(config)})
+        tuned, details = _tune_on_target(model, adaptation, config, pool, rehearsal, progress=progress)
+        return UpdateResult(tuned, None, None, {"method": config.method, **details})
     if config.method == "random":
         chosen = draw(len(pool), config.k, config.seed)
         tuned = fine_tune(model, pool[chosen], config, rehearsal=rehearsal, progress=progress)
@@ -250,10 +294,9 @@ def adapt(model: DeepRx, pool: SlotTensors, adaptation: SlotTensors, config: Upd
         selected, selected_scores, source = selection.indices[keep], selection.scores[keep], "gradient index"
     details = {"method": config.method, "slots": int(len(selected)), "selection": source}
     if config.method == "target+first-order":  # the target's own slots lead, beneficial pool slots join them
-        tuned = fine_tune(model, _concatenate(adaptation, pool[selected]), config, rehearsal=rehearsal, progress=progress)
-        return UpdateResult(tuned, selected, selected_scores,
-                            {**details, "slots": len(adaptation) + int(len(selected)),
-                             "gradient_evaluations": _fine_tuning_evaluations(config)})
+        tuned, tuning = _tune_on_target(model, adaptation, config, pool, rehearsal, extra=pool[selected],
+                                        curvature=curvature if selection is None else None, progress=progress)
+        return UpdateResult(tuned, selected, selected_scores, {**details, **tuning})
     if len(selected) == 0:
         return UpdateResult(copy.deepcopy(model).eval(), selected, selected_scores, {**details, "note": "none beneficial"})
     if config.method == "first-order":

@@ -48,8 +48,8 @@ class AdaptationConfig:
     min_target_slots: int = 16
     rehearsal: str = ""  # HDF5 slots of the training mix that fine-tuning rehearses; empty: the pool
     rehearsal_slots: int = 2000
-    # target-only won on held-out slots of every drift condition at equal steps (docs/adaptation.md):
-    # with a training-mix pool the influence-selected slots cannot teach a new condition
+    # target-only closes the most of the gap on held-out slots where the model has something to learn
+    # (docs/adaptation.md, 5 seeds): a training-mix pool cannot teach a new condition
     method: str = "target-only"
     k: int = 64
     steps: int = 400  # Adam steps of 16 slots
@@ -61,6 +61,10 @@ class AdaptationConfig:
     scoped_learning_rate: float = 1e-3
     scoped_replay: float = 0.0
     curvature: str = "ekfac"
+    # target-only / target+first-order: hold out this part of the adaptation slots and keep the best
+    # checked step (the unchanged model included), then refine with Levenberg-Marquardt steps
+    validation_fraction: float = 0.0
+    refine_iterations: int = 0
     min_relative_improvement: float = 0.02
     max_regression: float = 0.002  # absolute BER rise allowed on the regression set (global) or the guard (scoped)
     guard_slots: int = 64  # scoped jobs: the context's newest labelled slots outside the adaptation split
@@ -70,6 +74,11 @@ class AdaptationConfig:
     auto: bool = False  # targets found by the monitor start jobs by themselves ...
     cooldown_s: float = 600.0  # ... at most once per context in this many seconds
     seed: int = 0
+
+
+# what a TriggerAdaptation request may override in its options map, and how each value is read
+JOB_OPTIONS = {"k": int, "steps": int, "learning_rate": float, "replay": float, "curvature": str,
+               "validation_fraction": float, "refine_iterations": int}
 
 
 class AdaptationError(ValueError):
@@ -111,10 +120,14 @@ class AdaptationWorker:
             raise AdaptationError(f"method: '{method}' is not one of {', '.join(METHODS)}")
         if not context and not slot_ids:
             raise AdaptationError("target: give a context or slot_ids")
-        unknown = set(options) - {"k", "steps", "learning_rate", "replay", "curvature"}
+        unknown = set(options) - set(JOB_OPTIONS)
         if unknown:
-            raise AdaptationError(f"options: unknown keys {sorted(unknown)} (k, steps, learning_rate, replay, curvature)")
+            raise AdaptationError(f"options: unknown keys {sorted(unknown)} ({', '.join(JOB_OPTIONS)})")
         scope = "global" if global_update or not context else context
+        try:
+            self._update_config(method, options, scoped=scope != "global")
+        except ValueError as error:
+            raise AdaptationError(f"options: {error}") from error
         job = Job(f"job-{next(self._ids)}", context, list(slot_ids), method, scope=scope, options=dict(options))
         self._log.save(job)
         with self._lock:
@@ -254,6 +267,23 @@ class AdaptationWorker:
         job.stage, job.progress, self._stage_start = name, progress, now
         self._log.save(job)  # a crash report names the stage it interrupted
 
+    def _update_config(self, method: str, options: dict[str, str], scoped: bool) -> UpdateConfig:
+        """The job's update settings: the worker's defaults (scoped ones for a scoped job) overridden
+        by the request's options; ValueError names a bad value."""
+        defaults = {"k": self.config.k, "steps": self.config.steps, "curvature": self.config.curvature,
+                    "learning_rate": self.config.scoped_learning_rate if scoped else self.config.learning_rate,
+                    "replay": self.config.scoped_replay if scoped else self.config.replay,
+                    "validation_fraction": self.config.validation_fraction,
+                    "refine_iterations": self.config.refine_iterations}
+        settings = {}
+        for key, read in JOB_OPTIONS.items():
+            try:
+                settings[key] = read(options.get(key, defaults[key]))
+            except ValueError:
+                raise ValueError(f"{key}={options[key]!r} is not {read.__name__}") from None
+        curvature = CurvatureConfig(method=settings.pop("curvature"))
+        return UpdateConfig(method=method, curvature=curvature, seed=self.config.seed, **settings)
+
     def _adapt(self, job: Job) -> None:
         scoped = job.scope != "global"
         parent = self.registry.active_for(job.context) if scoped else self.registry.active
@@ -267,15 +297,7 @@ class AdaptationWorker:
         adaptation_slots = slots.select(adaptation_rows)
         held_out, adaptation = prepare(slots.select(held_rows)), prepare(adaptation_slots)
         pool_slots = self._pool(job)
-        options = job.options
-        config = UpdateConfig(method=job.method, k=int(options.get("k", self.config.k)),
-                              steps=int(options.get("steps", self.config.steps)),
-                              learning_rate=float(options.get("learning_rate", self.config.scoped_learning_rate
-                                                              if scoped else self.config.learning_rate)),
-                              replay=float(options.get("replay", self.config.scoped_replay if scoped
-                                                       else self.config.replay)),
-                              curvature=CurvatureConfig(method=options.get("curvature", self.config.curvature)),
-                              seed=self.config.seed)
+        config = self._update_config(job.method, job.options, scoped)
         model = copy.deepcopy(parent.model).cpu()  # the serving copy stays where it is
         pool = prepare(pool_slots)
         selection = None
