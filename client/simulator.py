@@ -100,6 +100,8 @@ class SlotSimulator:
         self.group_size = group_size
         self.seed = seed
         self._rng = np.random.default_rng(seed)
+        # on the CPU everywhere: the same seed gives the same slots on a GPU machine (and the arrays go to numpy)
+        sionna.phy.config.device = "cpu"
         sionna.phy.config.seed = seed
         self._apply_channel = ApplyOFDMChannel()
         self._link = lru_cache(maxsize=None)(lambda dmrs, mod: _Link(scenario, dmrs, mod))

@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     from service.receiver.train import TrainConfig, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    metadata = train(args.data, args.out, config, progress=not args.quiet)
+    metadata = train(args.data, args.out, config, progress=not args.quiet, device=args.device)
     metrics = metadata["metrics"]
     print(f"saved {config.size} model ({metadata['parameters']} parameters) after {metadata['steps']} steps "
           f"to {args.out}: val loss {metrics['val_loss_bits']:.4f} bits, val BER {metrics['val_ber']:.5f}")
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a DeepRx on an HDF5 slot dataset",
                                 description="Train DeepRx with the bit-BCE loss; checkpoints to --out "
                                             "(safetensors + JSON) and resumes from it if present.")
-    train.add_argument("--data", type=Path, required=True, help="HDF5 dataset from 'deeprx-client simulate'")
+    train.add_argument("--data", type=Path, nargs="+", required=True,
+                       help="HDF5 datasets from 'deeprx-client simulate' (several: concatenated in order)")
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it exists)")
     defaults = TrainConfig()
     train.add_argument("--size", default=defaults.size, choices=tuple(SIZES),
@@ -282,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="slots of --data held out to report validation loss and BER")
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=defaults.checkpoint_every)
     train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--precision", default=defaults.precision, choices=("float32", "bfloat16"),
+                       help="bfloat16: forward and loss under autocast (for a GPU; the saved weights are float32)")
+    train.add_argument("--device", default="auto",
+                       help="where to train: auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda[:N]")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 

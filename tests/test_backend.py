@@ -1,5 +1,7 @@
 """Inference backends: ONNX Runtime serves the same LLRs as the PyTorch model, for every size and for
 adapted versions; a version whose backend cannot be built is never activated."""
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.adaptation.updates import UpdateConfig, fine_tune
+from service.receiver.checkpoint import load_checkpoint
 from service.receiver.features import prepare
 from service.receiver.model import SIZES, DeepRx, config_for
 from service.serving.backend import BackendError, InferenceConfig, OnnxRuntimeBackend, TorchBackend
@@ -24,6 +27,16 @@ def test_onnxruntime_equals_torch_for_every_size(size, train_mix_file):
     expected = TorchBackend(model)(data.features, data.bits_per_symbol)
     got = OnnxRuntimeBackend(model)(data.features, data.bits_per_symbol)
     assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["small", "full"])
+def test_shipped_models_load_and_onnxruntime_serves_their_llrs(name, train_mix_file):
+    checkpoint = load_checkpoint(Path(__file__).parents[1] / "models" / name)
+    assert checkpoint.metadata["size"] == name and "recipe" in checkpoint.metadata
+    data = prepare(read_slots(train_mix_file, slice(0, 4))[0])
+    expected = TorchBackend(checkpoint.model)(data.features, data.bits_per_symbol)
+    got = OnnxRuntimeBackend(checkpoint.model)(data.features, data.bits_per_symbol)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from schema.dataset import read_slots
@@ -64,3 +65,23 @@ def test_resuming_as_another_size_is_refused(high_snr_file, tmp_path, capsys):
 def test_eval_of_a_missing_model_is_a_clear_error(high_snr_file, tmp_path, capsys):
     assert service_main(["eval", "--model", str(tmp_path / "nope"), "--data", str(high_snr_file)]) == 2
     assert "not a model checkpoint" in capsys.readouterr().err
+
+
+def test_train_concatenates_several_datasets_and_records_them(high_snr_file, train_mix_file, tmp_path):
+    out = tmp_path / "m"
+    assert service_main(["train", "--data", str(high_snr_file), str(train_mix_file), "--out", str(out),
+                         "--size", "tiny", "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2",
+                         "--validation-slots", "8", "--precision", "bfloat16", "--device", "cpu", "--quiet"]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    sizes = [len(read_slots(path)[0]) for path in (high_snr_file, train_mix_file)]
+    seeds = [int(read_slots(path)[1]["seed"]) for path in (high_snr_file, train_mix_file)]
+    assert meta["data"]["paths"] == [str(high_snr_file), str(train_mix_file)]
+    assert meta["data"]["slots"] == sum(sizes) and meta["data"]["seeds"] == seeds
+    assert meta["device"] == "cpu" and meta["train"]["precision"] == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_training_on_a_missing_gpu_is_a_clear_error(high_snr_file, tmp_path, capsys):
+    assert service_main(["train", "--data", str(high_snr_file), "--out", str(tmp_path / "m"), "--size", "tiny",
+                         "--steps", "1", "--device", "cuda", "--quiet"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err

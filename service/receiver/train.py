@@ -1,15 +1,16 @@
-"""Training DeepRx on a slot dataset: Adam, warmup + cosine learning rate, resumable checkpoints."""
+"""Training DeepRx on slot datasets: Adam, warmup + cosine learning rate, resumable checkpoints, CPU or CUDA."""
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from schema.dataset import read_slots
+from schema.dataset import SlotBatch, read_slots
 from service.receiver.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
@@ -35,6 +36,7 @@ class TrainConfig:
     validation_slots: int = 256
     checkpoint_every: int = 250
     seed: int = 0
+    precision: str = "float32"  # or "bfloat16": forward and loss under CUDA autocast (BatchNorm stays float32)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -70,18 +72,35 @@ def _batch_indices(num_train: int, batch_size: int, seed: int, step: int) -> tor
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-def train(data_path: str | Path, out_dir: str | Path, config: TrainConfig, progress: bool = True) -> dict:
-    """Train (or resume, when ``out_dir`` holds a checkpoint of this run) and return its metadata."""
+def training_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when PyTorch sees one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def train(data_paths: Sequence[str | Path], out_dir: str | Path, config: TrainConfig, progress: bool = True,
+          device: str = "auto") -> dict:
+    """Train (or resume, when ``out_dir`` holds a checkpoint of this run) on the slots of ``data_paths``
+    (concatenated in order) and return its metadata."""
     out_dir = Path(out_dir)
-    slots, attrs = read_slots(data_path)
-    tensors = prepare(slots)
+    if isinstance(data_paths, (str, Path)):
+        data_paths = [data_paths]
+    parts = [read_slots(path) for path in data_paths]
+    slots, attrs = SlotBatch.concatenate([part for part, _ in parts]), parts[0][1]
+    if len({part.y.shape[1:] for part, _ in parts}) > 1:
+        raise ValueError("datasets differ in antennas or grid size; train on one shape at a time")
+    where = training_device(device)
+    tensors = prepare(slots).to(where)
     order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(config.seed))
     n_val = min(config.validation_slots, len(tensors) // 5)
     val, train_set = tensors[order[:n_val]], tensors[order[n_val:]]
     rx = int(slots.y.shape[1])
 
     torch.manual_seed(config.seed)
-    model = DeepRx(config_for(config.size, rx, config.inputs or None))
+    model = DeepRx(config_for(config.size, rx, config.inputs or None)).to(where)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start_step, history, seconds = 0, [], 0.0
     if (out_dir / "model.json").exists():
@@ -102,8 +121,10 @@ def train(data_path: str | Path, out_dir: str | Path, config: TrainConfig, progr
         return {
             "size": config.size, "parameters": model.num_parameters(), "steps": step,
             "train": asdict(config), "train_seconds": round(seconds, 1),
-            "data": {"path": str(data_path), "scenario": str(attrs.get("scenario", "")),
-                     "seed": int(attrs.get("seed", -1)), "slots": len(tensors)},
+            "data": {"paths": [str(path) for path in data_paths],
+                     "scenario": str(attrs.get("scenario", "")),
+                     "seeds": [int(part_attrs.get("seed", -1)) for _, part_attrs in parts], "slots": len(tensors)},
+            "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
             "metrics": history[-1], "history": history,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -117,7 +138,8 @@ def train(data_path: str | Path, out_dir: str | Path, config: TrainConfig, progr
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         batch = train_set[_batch_indices(len(train_set), config.batch_size, config.seed, step)]
-        loss = bce_bits(model(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
+        with torch.autocast(where.type, torch.bfloat16, enabled=config.precision == "bfloat16"):
+            loss = bce_bits(model(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
