@@ -126,9 +126,10 @@ def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int) -
     return rows
 
 
-def start_service(model: Path, port: int, backend: str) -> subprocess.Popen:
+def start_service(model: Path, port: int, backend: str, max_queue_delay_ms: float | None) -> subprocess.Popen:
     config = Path(tempfile.mkdtemp(prefix="deeprx-bench-")) / "serve.toml"
-    config.write_text(f'[inference]\nbackend = "{backend}"\n')
+    batching = "" if max_queue_delay_ms is None else f"[batching]\nmax_queue_delay_ms = {max_queue_delay_ms}\n"
+    config.write_text(f'[inference]\nbackend = "{backend}"\n{batching}')
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
                              "--store", str(config.parent / "store"), "--config", str(config),
                              "--port", str(port), "--metrics-port", "0"], cwd=ROOT,
@@ -146,6 +147,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="passes over the slots per backend and batch size")
     parser.add_argument("--service-backends", dest="service_backends", default="onnxruntime,torch",
                         help="inference.backend of each service run, comma-separated")
+    parser.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float,
+                        help="the services' batching.max_queue_delay_ms (default: the server's)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal: run the echo server
     args = parser.parse_args()
@@ -158,7 +161,7 @@ def main() -> int:
     backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats)
     ports = {name: _free_port() for name in args.service_backends.split(",")}
     echo_port = _free_port()
-    servers = [start_service(args.model, port, name) for name, port in ports.items()]
+    servers = [start_service(args.model, port, name, args.max_queue_delay_ms) for name, port in ports.items()]
     servers.append(subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server",
                                      str(echo_port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
@@ -175,7 +178,8 @@ def main() -> int:
             server.terminate()
             server.wait(timeout=30)
     result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,
-              "rows": rows, "model": str(args.model)}
+              "rows": rows, "model": str(args.model),
+              "max_queue_delay_ms": args.max_queue_delay_ms}
     if args.json:
         print(json.dumps(result))
         return 0

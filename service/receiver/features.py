@@ -31,7 +31,7 @@ import torch
 
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
-from service.receiver.classical import ls_channel_estimate, maxlog_llrs, mrc_equalize, pilot_noise_variance
+from service.receiver.classical import ls_channel_estimate, maxlog_llrs, mrc_equalize, pilot_noise_variance, power
 
 INPUTS = ("grid", "classical", "residual")
 LLR_CLIP = 32.0
@@ -51,7 +51,7 @@ def num_feature_channels(rx: int) -> int:
 
 def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
     """Row indices of each DMRS layout in the batch (Sionna's estimator is built per layout)."""
-    symbols = pilots.abs().sum(-1) > 0  # [B, S]
+    symbols = (pilots != 0).any(-1)  # [B, S]
     patterns, inverse = torch.unique(symbols, dim=0, return_inverse=True)
     return {p: torch.nonzero(inverse == p).flatten() for p in range(len(patterns))}
 
@@ -61,15 +61,15 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown),
     ``bits_per_symbol`` [B] -> features [B, 6A+12, F, S] float32. Raises ``PilotLayoutError`` for
     pilots off a DMRS layout."""
-    rms = y.abs().square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+    rms = power(y).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
     y = y / rms
     no = torch.as_tensor(noise_variance, dtype=torch.float32) / rms.flatten().square()
     unknown = ~(no > 0)  # 0 or NaN (a stored slot sent without one)
     if unknown.any():
         no = torch.where(unknown, pilot_noise_variance(y, pilots), no)
     p = pilots[:, None]
-    power = p.abs().square()
-    raw_ls = torch.where(power > 0, y * p.conj() / power.clamp_min(1e-12), torch.zeros_like(y))
+    pilot_power = power(p)
+    raw_ls = torch.where(pilot_power > 0, y * p.conj() / pilot_power.clamp_min(1e-12), torch.zeros_like(y))
     h = torch.zeros_like(y)
     err_var = torch.zeros(y.shape[0], 1, *y.shape[2:])
     for rows in _by_layout(pilots).values():
