@@ -81,17 +81,17 @@ def training_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def train(data_paths: Sequence[str | Path], out_dir: str | Path, config: TrainConfig, progress: bool = True,
-          device: str = "auto") -> dict:
+def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, config: TrainConfig,
+          progress: bool = True, device: str = "auto") -> dict:
     """Train (or resume, when ``out_dir`` holds a checkpoint of this run) on the slots of ``data_paths``
     (concatenated in order) and return its metadata."""
     out_dir = Path(out_dir)
     if isinstance(data_paths, (str, Path)):
         data_paths = [data_paths]
     parts = [read_slots(path) for path in data_paths]
-    slots, attrs = SlotBatch.concatenate([part for part, _ in parts]), parts[0][1]
     if len({part.y.shape[1:] for part, _ in parts}) > 1:
         raise ValueError("datasets differ in antennas or grid size; train on one shape at a time")
+    slots, attrs = SlotBatch.concatenate([part for part, _ in parts]), parts[0][1]
     where = training_device(device)
     tensors = prepare(slots).to(where)
     order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(config.seed))
