@@ -8,6 +8,11 @@ the same Slot messages; the echo answers each with a SlotResult of the same LLR 
 without decoding, featurizing or running a model, so service / echo is the cost of the service.
 "server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds).
 
+CPU per slot: the CPU seconds the server process and this process (the client) spent on a run,
+divided by its slots. Server and client share this machine's cores, so ``cores / (server + client
+CPU per slot)`` is the most slots/s the pair could answer if every core were always busy: a service
+row below that bound waits (on the GIL, on thread hand-offs), a row at it needs less CPU per slot.
+
     .venv/bin/python benchmarks/serving.py --model models/small --data data/train-heldout.h5 --slots 480
 """
 from __future__ import annotations
@@ -88,13 +93,26 @@ def _wait_healthy(port: int, timeout: float = 120) -> None:
     raise TimeoutError(f"no healthy server on port {port}")
 
 
-def measure(port: int, slots, streams: int, window: int) -> dict:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, server_pid: int, slots, streams: int, window: int) -> dict:
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         stream_slots(ch, slots.select(slice(0, 2 * streams)), "warmup", streams=streams, prefix="warm")
+        server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
         report, _ = stream_slots(ch, slots, "bench", streams=streams, window=window, prefix=f"s{streams}")
+        server_cpu = process_cpu_seconds(server_pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
     return {"slots_per_second": report.slots / report.seconds, "p50_ms": report.percentile_ms(50),
             "p99_ms": report.percentile_ms(99), "server_p50_ms": report.percentile_ms(50, server=True),
-            "failures": report.failures}
+            "server_cpu_ms_per_slot": server_cpu / report.slots * 1e3,
+            "client_cpu_ms_per_slot": client_cpu / report.slots * 1e3, "failures": report.failures}
 
 
 def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) -> tuple[float, list]:
@@ -110,11 +128,11 @@ def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) 
     return float(np.median(times)), outputs[:len(starts)]
 
 
-def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int) -> list[dict]:
+def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int, spinning: bool) -> list[dict]:
     """Eager PyTorch vs ONNX Runtime on the same featurized batches (threads: each library's default)."""
     model = load_checkpoint(model_dir).model.eval()
     data = prepare(slots)
-    eager, onnx = TorchBackend(model), OnnxRuntimeBackend(model)
+    eager, onnx = TorchBackend(model), OnnxRuntimeBackend(model, spinning=spinning)
     rows = []
     for batch in batches:
         eager_s, eager_out = _time_backend(eager, data.features, data.bits_per_symbol, batch, repeats)
@@ -126,10 +144,11 @@ def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int) -
     return rows
 
 
-def start_service(model: Path, port: int, backend: str, max_queue_delay_ms: float | None) -> subprocess.Popen:
+def start_service(model: Path, port: int, backend: str, max_queue_delay_ms: float | None,
+                  spinning: bool) -> subprocess.Popen:
     config = Path(tempfile.mkdtemp(prefix="deeprx-bench-")) / "serve.toml"
     batching = "" if max_queue_delay_ms is None else f"[batching]\nmax_queue_delay_ms = {max_queue_delay_ms}\n"
-    config.write_text(f'[inference]\nbackend = "{backend}"\n{batching}')
+    config.write_text(f'[inference]\nbackend = "{backend}"\nspinning = {str(spinning).lower()}\n{batching}')
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
                              "--store", str(config.parent / "store"), "--config", str(config),
                              "--port", str(port), "--metrics-port", "0"], cwd=ROOT,
@@ -149,6 +168,8 @@ def main() -> int:
                         help="inference.backend of each service run, comma-separated")
     parser.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float,
                         help="the services' batching.max_queue_delay_ms (default: the server's)")
+    parser.add_argument("--no-spinning", dest="spinning", action="store_false",
+                        help="ONNX Runtime's idle threads sleep instead of busy-waiting (inference.spinning = false)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal: run the echo server
     args = parser.parse_args()
@@ -158,10 +179,13 @@ def main() -> int:
 
     slots, _ = read_slots(args.data)
     slots = slots.select(slice(0, args.slots))
-    backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats)
+    backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats,
+                                args.spinning)
     ports = {name: _free_port() for name in args.service_backends.split(",")}
     echo_port = _free_port()
-    servers = [start_service(args.model, port, name, args.max_queue_delay_ms) for name, port in ports.items()]
+    services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning)
+                for name, port in ports.items()}
+    servers = [*services.values()]
     servers.append(subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server",
                                      str(echo_port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
@@ -169,9 +193,9 @@ def main() -> int:
             _wait_healthy(port)
         rows = []
         for streams in map(int, args.streams.split(",")):
-            row = {"streams": streams, "echo": measure(echo_port, slots, streams, args.window)}
+            row = {"streams": streams, "echo": measure(echo_port, servers[-1].pid, slots, streams, args.window)}
             for name, port in ports.items():
-                row[name] = measure(port, slots, streams, args.window)
+                row[name] = measure(port, services[name].pid, slots, streams, args.window)
             rows.append(row)
     finally:
         for server in servers:
@@ -179,7 +203,7 @@ def main() -> int:
             server.wait(timeout=30)
     result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,
               "rows": rows, "model": str(args.model),
-              "max_queue_delay_ms": args.max_queue_delay_ms}
+              "max_queue_delay_ms": args.max_queue_delay_ms, "spinning": args.spinning}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -199,6 +223,14 @@ def main() -> int:
         print(f"{r['streams']:>7} | " + " | ".join(
             f"{r[n]['slots_per_second']:>20.1f} {r[n]['p50_ms']:>6.1f} {r[n]['p99_ms']:>6.1f} "
             f"{r[n]['server_p50_ms']:>7.2f}" for n in names))
+    cores = os.cpu_count() or 1
+    print(f"\nCPU ms per slot (server + client) and the bound it sets on {cores} cores: cores / CPU per slot")
+    print(f"{'streams':>7} | " + " | ".join(f"{name + ' server':>20} {'client':>6} {'bound/s':>7}" for name in names))
+    for r in rows:
+        print(f"{r['streams']:>7} | " + " | ".join(
+            f"{r[n]['server_cpu_ms_per_slot']:>20.2f} {r[n]['client_cpu_ms_per_slot']:>6.2f} "
+            f"{cores * 1e3 / (r[n]['server_cpu_ms_per_slot'] + r[n]['client_cpu_ms_per_slot']):>7.0f}"
+            for n in names))
     return 0
 
 

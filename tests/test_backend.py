@@ -13,10 +13,11 @@ from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.adaptation.updates import UpdateConfig, fine_tune
+from service.config import ServerConfig
 from service.receiver.checkpoint import load_checkpoint
 from service.receiver.features import prepare
 from service.receiver.model import SIZES, DeepRx, config_for
-from service.serving.backend import BackendError, InferenceConfig, OnnxRuntimeBackend, TorchBackend
+from service.serving.backend import BackendError, InferenceConfig, OnnxRuntimeBackend, TorchBackend, build_backend
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -28,6 +29,21 @@ def test_onnxruntime_equals_torch_for_every_size(size, train_mix_file):
     got = OnnxRuntimeBackend(model)(data.features, data.bits_per_symbol)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_inference_spinning_from_the_config_file_reaches_the_session(spinning, tmp_path, train_mix_file):
+    path = tmp_path / "server.toml"
+    path.write_text(f"[inference]\nbackend = \"onnxruntime\"\nspinning = {str(spinning).lower()}\n")
+    config = ServerConfig.from_toml(path).inference
+    torch.manual_seed(0)
+    model = DeepRx(config_for("tiny")).eval()
+    backend = build_backend(model, config, torch.device("cpu"))
+    entry = backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert entry == ("1" if spinning else "0")
+    data = prepare(read_slots(train_mix_file, slice(0, 4))[0])
+    torch.testing.assert_close(backend(data.features, data.bits_per_symbol),
+                               TorchBackend(model)(data.features, data.bits_per_symbol), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["small", "full"])

@@ -32,6 +32,10 @@ class InferenceConfig:
     backend: str = "auto"  # auto: onnxruntime on CPU when installed, else torch
     threads: int = 0  # ONNX Runtime intra-op threads (0: one per core)
     opset: int = 17  # ONNX opset the versions are exported with
+    # ONNX Runtime's idle intra-op threads busy-wait for the next run (its default: the lowest latency
+    # at 1 stream); false lets them sleep: a quarter less server CPU per slot at the same throughput
+    # (benchmarks/serving.py --no-spinning), for hosts whose cores also serve other work
+    spinning: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -62,7 +66,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: DeepRx, threads: int = 0, opset: int = 17):
+    def __init__(self, model: DeepRx, threads: int = 0, opset: int = 17, spinning: bool = True):
         import onnxruntime
 
         example = (torch.zeros(1, num_feature_channels(model.config.rx), 12, 14), torch.full((1,), 4))
@@ -78,6 +82,7 @@ class OnnxRuntimeBackend:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.log_severity_level = 3
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
             self.session = onnxruntime.InferenceSession(buffer.getvalue(), options,
                                                         providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - any exporter or runtime failure makes the version unservable
@@ -106,5 +111,5 @@ def resolve(config: InferenceConfig, device: torch.device) -> str:
 def build_backend(model: DeepRx, config: InferenceConfig, device: torch.device) -> Backend:
     """A backend for ``model`` (already on ``device``, in eval mode)."""
     if resolve(config, device) == "onnxruntime":
-        return OnnxRuntimeBackend(model, config.threads, config.opset)
+        return OnnxRuntimeBackend(model, config.threads, config.opset, config.spinning)
     return TorchBackend(model)
