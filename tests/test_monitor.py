@@ -1,4 +1,12 @@
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from schema.dataset import read_slots
+from service.api.observer import SlotObserver
 from service.monitoring.monitor import FeedbackMonitor, TargetRule
+from service.monitoring.pilots import pilot_sinr_db
+from service.serving.metrics import ServiceMetrics
+from service.serving.slot import ReceivedSlot
 
 
 def test_a_context_becomes_a_target_after_enough_slots_above_threshold():
@@ -32,3 +40,26 @@ def test_windows_forget_old_slots():
     for _ in range(5):
         monitor.record("c", errors=0, bits=100)
     assert monitor.window("c").ber == 0.0 and monitor.window("c").slots == 5
+
+
+def test_observer_windows_equal_the_per_slot_means_of_each_context(train_mix_file):
+    """The observer records queued slots in groups; each context's window is still the mean of its
+    own last ``window_slots`` slots, in arrival order."""
+    slots, _ = read_slots(train_mix_file)
+    rng = np.random.default_rng(0)
+    monitor = FeedbackMonitor(window_slots=7)
+    observer = SlotObserver(monitor, ServiceMetrics(CollectorRegistry()))
+    seen: dict[str, list[tuple[float, float]]] = {"a": [], "b": []}
+    for i in range(40):
+        row = i % len(slots.y)
+        context = "a" if i % 3 else "b"
+        grid, pilots = slots.y[row], slots.pilots[row]
+        llrs = rng.normal(0, 4, size=(100, 4)).astype(np.float32)
+        observer.observe(ReceivedSlot(f"s{i}", context, grid, pilots, slots.data_mask[row], 4, 0.1), llrs)
+        seen[context].append((float((1 / (1 + np.exp(np.abs(llrs)))).mean()), pilot_sinr_db(grid, pilots)))
+    observer.flush()
+    observer.close()
+    for context, values in seen.items():
+        expected = np.mean(values[-7:], axis=0)
+        got = monitor.estimate(context)
+        assert np.allclose([got.expected_ber, got.pilot_sinr_db], expected, rtol=1e-9)

@@ -1,9 +1,10 @@
 """Per-slot work that no response waits for: the label-free estimates of a served slot (expected BER
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
-The queue is bounded; when the thread falls behind, observations are dropped and counted
-(``deeprx_slot_observations_dropped_total``): estimates are window means, a missing slot only
-thins the window, and a response is never delayed for them.
+The thread takes every queued slot at once and updates each context's window and gauges once per
+such group, not once per slot. The queue is bounded; when the thread falls behind, observations are
+dropped and counted (``deeprx_slot_observations_dropped_total``): estimates are window means, a
+missing slot only thins the window, and a response is never delayed for them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from service.monitoring.monitor import FeedbackMonitor
 from service.monitoring.pilots import pilot_sinr_db
 from service.serving.metrics import ServiceMetrics
 from service.serving.slot import ReceivedSlot
+
+_MAX_GROUP = 256  # slots taken from the queue at once
 
 
 class SlotObserver:
@@ -42,14 +45,29 @@ class SlotObserver:
         self._thread.join()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            items = [self._queue.get()]
+            while items[-1] is not None and len(items) < _MAX_GROUP:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            served = [item for item in items if item is not None]
             try:
-                slot, llrs = item
-                expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
-                label = self.metrics.context_label(slot.context)
-                estimate = self.monitor.record_estimate(label, expected_ber, pilot_sinr_db(slot.grid, slot.pilots))
-                self.metrics.context_ber_estimate.labels(label).set(estimate.expected_ber)
-                self.metrics.context_pilot_sinr.labels(label).set(estimate.pilot_sinr_db)
+                self._record(served)
             finally:
-                self._queue.task_done()
-        self._queue.task_done()
+                for _ in items:
+                    self._queue.task_done()
+            if len(served) < len(items):
+                return
+
+    def _record(self, served: list[tuple[ReceivedSlot, np.ndarray]]) -> None:
+        by_context: dict[str, list[tuple[float, float]]] = {}
+        for slot, llrs in served:
+            expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
+            by_context.setdefault(self.metrics.context_label(slot.context), []).append(
+                (expected_ber, pilot_sinr_db(slot.grid, slot.pilots)))
+        for label, estimates in by_context.items():
+            means = self.monitor.record_estimates(label, estimates)
+            self.metrics.context_ber_estimate.labels(label).set(means.expected_ber)
+            self.metrics.context_pilot_sinr.labels(label).set(means.pilot_sinr_db)

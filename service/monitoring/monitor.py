@@ -104,11 +104,12 @@ class FeedbackMonitor:
         with self._lock:
             return self._totals(self._windows.get(context, ()))
 
-    def record_estimate(self, context: str, expected_ber: float, pilot_sinr_db: float) -> LabelFree:
-        """Add a served slot's label-free estimates; returns the context's window means."""
+    def record_estimates(self, context: str, estimates: list[tuple[float, float]]) -> LabelFree:
+        """Add served slots' label-free estimates (expected BER, pilot SINR dB); returns the context's
+        window means."""
         with self._lock:
             window = self._estimates.setdefault(context, deque(maxlen=self._window_slots))
-            window.append((expected_ber, pilot_sinr_db))
+            window.extend(estimates)
             return self._means(window)
 
     @staticmethod
