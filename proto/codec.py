@@ -63,4 +63,4 @@ def decode_complex(tensor: pb.Tensor, field: str, ndim: int, max_elements: int) 
     array = decode(tensor, field, pb.Tensor.FLOAT32, ndim + 1, max_elements)
     if array.shape[-1] != 2:
         raise TensorError(f"{field}: last dimension must be 2 (re, im), got {array.shape[-1]}")
-    return (array[..., 0] + 1j * array[..., 1]).astype(np.complex64)
+    return array.view(np.complex64)[..., 0].copy()  # (re, im) float32 pairs are complex64 in memory
