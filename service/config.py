@@ -10,7 +10,7 @@ Example ``server.toml``::
 
     [inference]
     backend = "auto"        # onnxruntime on CPU when installed, else torch
-    spinning = true         # false: ONNX Runtime's idle threads sleep (less CPU, a little more latency)
+    spinning = true         # false: ONNX Runtime's idle threads sleep (less CPU per slot, same throughput)
 
     [models]
     max_scoped = 16         # contexts that may have a scoped version (specialist)

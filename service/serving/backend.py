@@ -33,8 +33,8 @@ class InferenceConfig:
     threads: int = 0  # ONNX Runtime intra-op threads (0: one per core)
     opset: int = 17  # ONNX opset the versions are exported with
     # ONNX Runtime's idle intra-op threads busy-wait for the next run (its default: the lowest latency
-    # at 1 stream); false lets them sleep: a quarter less server CPU per slot at the same throughput
-    # (benchmarks/serving.py --no-spinning), for hosts whose cores also serve other work
+    # at 1 stream); false lets them sleep: a fifth (16 streams) to a half (1 stream) less server CPU per
+    # slot at the same throughput (benchmarks/serving.py --no-spinning), for hosts whose cores do other work
     spinning: bool = True
 
     def __post_init__(self) -> None:
