@@ -41,7 +41,17 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the model expects {checkpoint.model.config.rx} receive antennas, "
                          f"'{args.data}' has {slots.y.shape[1]}")
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
-    report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width, by=by)
+    forward = None
+    if args.backend != "torch":  # the server's backend (service.serving) on the same model, CPU
+        import torch
+
+        from service.serving.backend import BackendError, InferenceConfig, build_backend
+        try:
+            forward = build_backend(checkpoint.model.eval(), InferenceConfig(backend=args.backend),
+                                    torch.device("cpu"))
+        except BackendError as err:
+            raise ValueError(f"--backend {args.backend}: {err}") from None
+    report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width, by=by, forward=forward)
     title = f"{Path(args.model).name} on {attrs.get('scenario', args.data)}"
     if args.plot:
         (report.heatmap if by else report.plot)(args.plot, title=title)
@@ -302,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "delay_spread, mod (speed and delay spread in bins); the table then has a row per "
                                  "cell and SNR bin with error counts, --plot draws a heatmap of DeepRx / LS-LMMSE, "
                                  "e.g. --by channel,dmrs,speed,delay_spread on a 'grid' dataset")
+    ev.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                    help="what runs the model: eager PyTorch (the reference) or the server's ONNX Runtime "
+                         "backend (several times faster on a CPU; LLRs equal within 1e-4)")
     ev.set_defaults(run=_eval)
 
     from service.influence.scores import NORMALISATIONS

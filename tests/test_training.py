@@ -49,6 +49,14 @@ def test_train_resume_and_eval_cli_round_trip(high_snr_file, tmp_path, capsys):
     expected = validate(load_checkpoint(out).model, prepare(slots))["ber"]
     assert abs(report["ber"]["deeprx"] - expected) < 1e-12
 
+    # the server's ONNX Runtime backend gives the same hard decisions (LLRs within 1e-4: a bit whose
+    # LLR is that close to 0 may flip)
+    assert service_main(["eval", "--model", str(out), "--data", str(high_snr_file), "--json",
+                         "--backend", "onnxruntime"]) == 0
+    served = json.loads(capsys.readouterr().out)
+    assert abs(served["ber"]["deeprx"] - report["ber"]["deeprx"]) * int(slots.num_bits.sum()) <= 3
+    assert served["ber"]["ls_lmmse"] == report["ber"]["ls_lmmse"]
+
     assert service_main(["eval", "--model", str(out), "--data", str(high_snr_file)]) == 0
     table = capsys.readouterr().out
     assert "deeprx" in table and "ls_lmmse" in table and "genie" in table

@@ -4,6 +4,7 @@ modulation)."""
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,14 +46,20 @@ def cell_labels(slots: SlotBatch, keys: list[str]) -> np.ndarray:
     return np.asarray([" ".join(row) for row in zip(*columns)]) if keys else np.full(len(slots), "all")
 
 
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (features, bits per symbol) -> logits
+
+
 @torch.no_grad()
-def deeprx_bit_errors(model: DeepRx, slots: SlotBatch, batch_size: int = 256) -> np.ndarray:
-    """Hard-decision bit errors of ``model`` (eval mode) per slot."""
+def deeprx_bit_errors(model: DeepRx, slots: SlotBatch, batch_size: int = 256,
+                      forward: Forward | None = None) -> np.ndarray:
+    """Hard-decision bit errors of ``model`` (eval mode) per slot, run by ``forward`` when given (an
+    inference backend of the same model), else by the module itself."""
     model.eval()
+    forward = forward or model
     errors = []
     for start in range(0, len(slots), batch_size):
         part = prepare(slots.select(slice(start, start + batch_size)))
-        logits = model(part.features, part.bits_per_symbol)
+        logits = forward(part.features, part.bits_per_symbol)
         errors.append(bit_errors(logits, part.labels, part.valid).numpy())
     return np.concatenate(errors).astype(np.int64)
 
@@ -198,10 +205,12 @@ class BerReport:
         plt.close(fig)
 
 
-def evaluate(model: DeepRx, slots: SlotBatch, bin_width_db: float = 5.0, by: list[str] | None = None) -> BerReport:
-    """BER report of ``model`` on ``slots``; ``by`` names the cell keys (``CELL_KEYS``) to group by."""
+def evaluate(model: DeepRx, slots: SlotBatch, bin_width_db: float = 5.0, by: list[str] | None = None,
+             forward: Forward | None = None) -> BerReport:
+    """BER report of ``model`` on ``slots``; ``by`` names the cell keys (``CELL_KEYS``) to group by;
+    ``forward`` runs the model (an inference backend of it; default: the module)."""
     return BerReport(
-        errors={"deeprx": deeprx_bit_errors(model, slots),
+        errors={"deeprx": deeprx_bit_errors(model, slots, forward=forward),
                 "ls_lmmse": slots.ls_lmmse_errors.astype(np.int64),
                 "genie": slots.genie_errors.astype(np.int64)},
         num_bits=slots.num_bits.astype(np.int64), snr_db=slots.snr_db, bin_width_db=bin_width_db,
