@@ -185,15 +185,15 @@ def main() -> int:
     echo_port = _free_port()
     services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning)
                 for name, port in ports.items()}
-    servers = [*services.values()]
-    servers.append(subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server",
-                                     str(echo_port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    echo = subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server", str(echo_port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = [*services.values(), echo]
     try:
         for port in [*ports.values(), echo_port]:
             _wait_healthy(port)
         rows = []
         for streams in map(int, args.streams.split(",")):
-            row = {"streams": streams, "echo": measure(echo_port, servers[-1].pid, slots, streams, args.window)}
+            row = {"streams": streams, "echo": measure(echo_port, echo.pid, slots, streams, args.window)}
             for name, port in ports.items():
                 row[name] = measure(port, services[name].pid, slots, streams, args.window)
             rows.append(row)

@@ -31,9 +31,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     from schema.dataset import read_slots
     from service.receiver.checkpoint import load_checkpoint
     from service.receiver.evaluate import evaluate
+    from service.serving.backend import BackendError, InferenceConfig, build_backend
 
     checkpoint = load_checkpoint(args.model)
     slots, attrs = read_slots(args.data)
@@ -41,16 +44,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the model expects {checkpoint.model.config.rx} receive antennas, "
                          f"'{args.data}' has {slots.y.shape[1]}")
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
-    forward = None
-    if args.backend != "torch":  # the server's backend (service.serving) on the same model, CPU
-        import torch
-
-        from service.serving.backend import BackendError, InferenceConfig, build_backend
-        try:
-            forward = build_backend(checkpoint.model.eval(), InferenceConfig(backend=args.backend),
-                                    torch.device("cpu"))
-        except BackendError as err:
-            raise ValueError(f"--backend {args.backend}: {err}") from None
+    try:  # the model runs through one of the server's backends, on the CPU
+        forward = build_backend(checkpoint.model.eval(), InferenceConfig(backend=args.backend), torch.device("cpu"))
+    except BackendError as err:
+        raise ValueError(f"--backend {args.backend}: {err}") from None
     report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width, by=by, forward=forward)
     title = f"{Path(args.model).name} on {attrs.get('scenario', args.data)}"
     if args.plot:

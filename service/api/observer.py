@@ -52,13 +52,13 @@ class SlotObserver:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            served = [item for item in items if item is not None]
+            stop = items[-1] is None  # close(): the marker is always last
             try:
-                self._record(served)
+                self._record(items[:-1] if stop else items)
             finally:
                 for _ in items:
                     self._queue.task_done()
-            if len(served) < len(items):
+            if stop:
                 return
 
     def _record(self, served: list[tuple[ReceivedSlot, np.ndarray]]) -> None:
