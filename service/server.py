@@ -2,10 +2,15 @@
 worker, behind one servicer made of the RPC groups in ``service/api/`` (inference and feedback;
 models; targets and adaptation), plus gRPC health and reflection and graceful shutdown.
 
+The gRPC server is asyncio's (``grpc.aio``) on an event loop thread of its own: ``StreamDetect``, the
+hot path, runs on that loop, one thread for every stream; the other RPCs are plain functions that
+the server runs on its thread pool (``limits.workers`` threads).
+
 A slot's path: validate -> featurize -> batch -> DeepRx(active version) -> LLRs.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from concurrent import futures
@@ -13,7 +18,8 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -25,6 +31,7 @@ from service.api.auth import TokenInterceptor, check_security, log_access
 from service.api.inference import InferenceRpcs
 from service.api.models import ModelRpcs
 from service.api.observer import SlotObserver
+from service.api.requests import MalformedRequestInterceptor
 from service.config import ServerConfig
 from service.influence.index import GradientIndex
 from service.monitoring.monitor import FeedbackMonitor
@@ -73,34 +80,62 @@ class ReceiverServer:
         self.observer = SlotObserver(self.monitor, self.metrics)
         self.batcher = DynamicBatcher(self.metrics, config.batching.max_batch_size,
                                       config.batching.max_queue_delay_ms / 1000, config.limits.max_queued_slots)
-        limits = config.limits
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-            interceptors=[TokenInterceptor(config.security, self.metrics)],
-            options=[("grpc.max_receive_message_length", limits.max_message_bytes),
-                     ("grpc.max_send_message_length", limits.max_message_bytes)],
-        )
         self.worker = (AdaptationWorker(self.registry, self.store, self.metrics, config.adaptation)
                        if self.store is not None else None)
         self.servicer = ReceiverServicer(config, self.registry, self.batcher, self.store, self.monitor, self.metrics,
                                          self.worker, self.observer)
-        pb_grpc.add_ReceiverServicer_to_server(self.servicer, self.grpc_server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc_server)
         self.announcer = VersionAnnouncer(self.registry, replication.publish) if replication.publish else None
         self.follower = VersionFollower(self.registry, replication.follow) if replication.follow else None
-        address = f"{config.host}:{config.port}"
-        self.port = (self.grpc_server.add_secure_port(address, credentials) if credentials
-                     else self.grpc_server.add_insecure_port(address))
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.grpc_server, self.port = self._on_loop(self._build_grpc_server(credentials))
+        except BaseException:
+            self._close_loop()
+            raise
         self._metrics_http = None
         self.metrics_port = config.metrics_port
         self._stopped = threading.Event()
+
+    def _on_loop(self, coroutine):
+        """Run ``coroutine`` on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _build_grpc_server(self, credentials: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, int]:
+        limits = self.config.limits
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            interceptors=[TokenInterceptor(self.config.security, self.metrics),
+                          MalformedRequestInterceptor(self.servicer.count_rejection)],
+            options=[("grpc.max_receive_message_length", limits.max_message_bytes),
+                     ("grpc.max_send_message_length", limits.max_message_bytes)],
+        )
+        pb_grpc.add_ReceiverServicer_to_server(self.servicer, server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        address = f"{self.config.host}:{self.config.port}"
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
+        return server, port
+
+    async def _start_grpc(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _stop_grpc(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
 
     def _on_swap(self, activation: Activation) -> None:
         self.metrics.model_swaps.inc()
@@ -119,9 +154,7 @@ class ReceiverServer:
         self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=self.config.metrics_host,
                                                   registry=self.metrics.registry)
         self.metrics_port = self._metrics_http.server_port
-        self.grpc_server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._start_grpc())
         log.info("serving %s on %s:%d, metrics on %s:%d", self.registry.active.version, self.config.host,
                  self.port, self.config.metrics_host, self.metrics_port)
         log_access(self.config.security)
@@ -131,8 +164,8 @@ class ReceiverServer:
         """Stop accepting, finish in-flight RPCs, drain the batcher, flush the store."""
         if self._stopped.is_set():
             return
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
+        self._on_loop(self._stop_grpc(grace))
+        self._close_loop()
         if self.worker is not None:
             self.worker.close(timeout=grace)
         self.batcher.close()

@@ -9,18 +9,16 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import grpc
 
-from proto import receiver_pb2 as pb
-from service.api.requests import RequestError
+from service.api.requests import RECEIVER, RequestError
 from service.config import SecurityConfig
 from service.serving.metrics import ServiceMetrics
 
 log = logging.getLogger("deeprx.auth")
 
-RECEIVER = pb.DESCRIPTOR.services_by_name["Receiver"].full_name
 ADMIN_METHODS = frozenset({"ActivateModel", "ReleaseScope", "TriggerAdaptation"})
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # Kubernetes' grpc probe sends no metadata
 _HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
@@ -40,7 +38,7 @@ def check_token(metadata: Sequence[tuple[str, str]] | None, token: str) -> None:
         raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong")
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses protected RPCs without the right token, before the RPC body runs; a refusal is
     counted like the RPCs' own (``RpcBase._reject``)."""
 
@@ -54,9 +52,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return True
         return self._protect_reads and service not in OPEN_SERVICES
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-                          details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
+                                                             Awaitable[grpc.RpcMethodHandler | None]],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler is None or not self._token or not self._protected(service, method):
             return handler
@@ -72,8 +71,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
 def _refusal(handler: grpc.RpcMethodHandler, err: RequestError) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that ends the call with ``err`` and reads nothing."""
 
-    def refuse(request, context: grpc.ServicerContext):  # noqa: ARG001 - the request is never read
-        context.abort(err.code, err.message)
+    async def refuse(request, context: grpc.aio.ServicerContext):  # noqa: ARG001 - the request is never read
+        await context.abort(err.code, err.message)
 
     make = _HANDLERS[(handler.request_streaming, handler.response_streaming)]
     return make(refuse, request_deserializer=handler.request_deserializer,

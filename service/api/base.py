@@ -31,13 +31,22 @@ class RpcBase:
         self.target_rule = TargetRule(config.monitor.target_absolute_ber, config.monitor.target_relative_to_genie,
                                       config.monitor.target_min_slots)
 
-    def _reject(self, method: str, err: RequestError, context: grpc.ServicerContext, slots: int = 0):
-        """Count the refusal and end the RPC with its status (``context.abort`` raises)."""
+    def count_rejection(self, method: str, err: RequestError, slots: int = 0) -> None:
         self.metrics.requests.labels(method, "error").inc()
         self.metrics.rejected_requests.labels(err.code.name).inc()
         if slots:
             self.metrics.slots.labels("rejected").inc(slots)
+
+    def _reject(self, method: str, err: RequestError, context: grpc.ServicerContext, slots: int = 0):
+        """Count the refusal and end the RPC with its status (``context.abort`` raises)."""
+        self.count_rejection(method, err, slots)
         context.abort(err.code, err.message)
+
+    async def _reject_async(self, method: str, err: RequestError, context: grpc.aio.ServicerContext,
+                            slots: int = 0):
+        """``_reject`` for the asyncio handlers (``StreamDetect``): their ``abort`` is awaited."""
+        self.count_rejection(method, err, slots)
+        await context.abort(err.code, err.message)
 
     def _ok(self, method: str) -> None:
         self.metrics.requests.labels(method, "ok").inc()

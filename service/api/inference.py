@@ -1,9 +1,8 @@
 """Inference and feedback RPCs: Detect, StreamDetect, ReportFeedback."""
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
 import time
 
 import grpc
@@ -72,48 +71,46 @@ class InferenceRpcs(RpcBase):
         self._ok("Detect")
         return pb.DetectResponse(results=results)
 
-    def StreamDetect(self, request_iterator, context: grpc.ServicerContext):
+    async def StreamDetect(self, request_iterator, context: grpc.aio.ServicerContext):
         """Results in request order; at most ``stream_window`` slots in flight, then the server stops
-        reading the stream and HTTP/2 flow control holds the client back."""
-        window: queue.Queue = queue.Queue(maxsize=self.config.limits.stream_window)
+        reading the stream and HTTP/2 flow control holds the client back. It runs on the server's
+        event loop (the other RPCs run on its thread pool): one thread serves every stream, where a
+        reader and a handler thread per stream cost a third of the server's CPU per slot in thread
+        hand-offs (``docs/operations.md#serving-cpu-budget``)."""
+        window: asyncio.Queue = asyncio.Queue(maxsize=self.config.limits.stream_window)
         end = object()
 
-        def put(item) -> None:
-            while context.is_active():
-                try:
-                    window.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
-
-        def read() -> None:
+        async def read() -> None:
             try:
-                for index, request in enumerate(request_iterator):
+                index = 0
+                async for request in request_iterator:
                     slot, version = self._decode(request.slot, f"slot (message {index})", self.registry.routing)
-                    put((slot, self._submit(slot, version), version, request.return_hard_bits))
-                put(end)
-            except Exception as err:  # noqa: BLE001 - a refused slot, or a cancelled or broken stream
-                put(err)
+                    pending = asyncio.wrap_future(self._submit(slot, version))
+                    await window.put((slot, pending, version, request.return_hard_bits))
+                    index += 1
+                await window.put(end)
+            except Exception as err:  # noqa: BLE001 - a refused slot, or a broken stream
+                await window.put(err)
 
-        threading.Thread(target=read, name="stream-reader", daemon=True).start()
-        while True:
-            try:
-                item = window.get(timeout=0.2)
-            except queue.Empty:  # a cancelled stream's reader puts nothing: this handler thread must not wait on
-                if context.is_active():
-                    continue
-                return
-            if item is end:
-                break
-            if isinstance(item, RequestError):
-                self._reject("StreamDetect", item, context, 1)
-            if isinstance(item, Exception):
-                if context.is_active():
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await window.get()) is not end:
+                if isinstance(item, RequestError):
+                    await self._reject_async("StreamDetect", item, context, 1)
+                if isinstance(item, Exception):
                     log.warning("stream ended: %s", item)
-                    self._reject("StreamDetect", RequestError(grpc.StatusCode.INTERNAL, str(item)), context)
-                return
-            slot, pending, version, hard = item
-            yield self._finish(slot, pending.result(), version, hard)
+                    await self._reject_async("StreamDetect", RequestError(grpc.StatusCode.INTERNAL, str(item)), context)
+                slot, pending, version, hard = item
+                try:
+                    llrs = await pending
+                except Exception:  # noqa: BLE001
+                    log.exception("inference failed")
+                    self.metrics.slots.labels("failed").inc()
+                    await self._reject_async("StreamDetect", RequestError(grpc.StatusCode.INTERNAL, "inference failed"),
+                                             context)
+                yield self._finish(slot, llrs, version, hard)
+        finally:  # the stream ended, failed or was cancelled: stop reading it
+            reader.cancel()
         self._ok("StreamDetect")
 
     def ReportFeedback(self, request: pb.ReportFeedbackRequest, context: grpc.ServicerContext):

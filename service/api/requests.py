@@ -3,10 +3,11 @@ the offending field, never an exception that escapes as INTERNAL."""
 from __future__ import annotations
 
 import time
+from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
-import torch
+from google.protobuf.message import DecodeError
 
 from proto import codec
 from proto import receiver_pb2 as pb
@@ -15,6 +16,7 @@ from service.receiver.classical import PilotLayoutError, check_pilot_layout
 from service.serving.slot import ReceivedSlot
 
 MAX_ID_LENGTH = 128
+RECEIVER = pb.DESCRIPTOR.services_by_name["Receiver"].full_name
 _BITS_PER_SYMBOL = set(MODULATIONS.values())
 
 
@@ -33,6 +35,56 @@ def invalid(message: str) -> RequestError:
 
 def not_found(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.NOT_FOUND, message)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Parses the Receiver's request messages inside its handlers, so bytes that are no valid message
+    end the call with INVALID_ARGUMENT saying so (grpc.aio would answer UNKNOWN and log a traceback).
+    Its RPCs are unary or, ``StreamDetect``, streaming both ways on the event loop."""
+
+    def __init__(self, on_refusal: Callable[[str, RequestError], None]):
+        self._on_refusal = on_refusal  # counts the refusal: (method, error)
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
+                                                             Awaitable[grpc.RpcMethodHandler | None]],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        if handler is None or service != RECEIVER or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+
+        def parse(raw: bytes):
+            try:
+                return deserialize(raw)
+            except DecodeError as err:
+                raise invalid(f"the request is not a valid {method} message: {err}") from None
+
+        if handler.request_streaming and handler.response_streaming:
+            behaviour = handler.stream_stream
+
+            async def stream(requests, context: grpc.aio.ServicerContext):
+                async def parsed():  # a RequestError here is the handler's to answer, like any refused slot
+                    async for raw in requests:
+                        yield parse(raw)
+
+                async for response in behaviour(parsed(), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream, None, handler.response_serializer)
+        if not handler.request_streaming and not handler.response_streaming:
+            behaviour = handler.unary_unary
+
+            def unary(raw: bytes, context: grpc.ServicerContext):
+                try:
+                    request = parse(raw)
+                except RequestError as err:
+                    self._on_refusal(method, err)
+                    context.abort(err.code, err.message)
+                return behaviour(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, None, handler.response_serializer)
+        return handler
 
 
 def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: int) -> ReceivedSlot:
@@ -69,7 +121,7 @@ def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: in
     if not (np.abs(pilots) > 0).any():
         raise invalid(f"{field}.pilots: no pilot REs")
     try:
-        check_pilot_layout(torch.from_numpy(pilots))
+        check_pilot_layout(pilots)
     except PilotLayoutError as err:
         raise invalid(f"{field}.pilots: {err}") from None
     return ReceivedSlot(slot.slot_id, slot.context or "default", grid, pilots, data, int(slot.modulation),

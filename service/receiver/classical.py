@@ -117,11 +117,12 @@ def _estimator(num_subcarriers: int, additional_position: int) -> _LinearEstimat
     return _LinearEstimator(torch.cat(columns), pilot_index, error_pattern, reference)
 
 
-def check_pilot_layout(pilots: torch.Tensor) -> int:
-    """``pilots`` [S, F] complex (0 off the DMRS) -> the PUSCH DMRS additional position whose REs they
-    occupy; ``PilotLayoutError`` when they match none (the estimator would read noise as pilots).
-    Every served slot is checked, so a layout's answer is kept by its pilot REs as packed bits."""
-    on = (pilots != 0).numpy()
+def check_pilot_layout(pilots: torch.Tensor | np.ndarray) -> int:
+    """``pilots`` [S, F] complex, a tensor or an array (0 off the DMRS) -> the PUSCH DMRS additional
+    position whose REs they occupy; ``PilotLayoutError`` when they match none (the estimator would read
+    noise as pilots). Every served slot is checked, so a layout's answer is kept by its pilot REs as
+    packed bits."""
+    on = np.asarray(pilots != 0)
     return _layout_of(on.shape, np.packbits(on).tobytes())
 
 

@@ -136,9 +136,11 @@ class DynamicBatcher:
             results = run_batch([p.slot for p in batch], batch[0].version)
         except Exception as err:  # noqa: BLE001 - every waiting request must learn of the failure
             for item in batch:
-                item.future.set_exception(err)
+                if item.future.set_running_or_notify_cancel():  # False: its stream was cancelled
+                    item.future.set_exception(err)
             return
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
         for item, result in zip(batch, results):
-            item.future.set_result(result)
+            if item.future.set_running_or_notify_cancel():  # False: its stream was cancelled, nobody waits
+                item.future.set_result(result)
