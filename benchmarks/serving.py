@@ -145,10 +145,11 @@ def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int, s
 
 
 def start_service(model: Path, port: int, backend: str, max_queue_delay_ms: float | None,
-                  spinning: bool) -> subprocess.Popen:
+                  spinning: bool, threads: int = 0) -> subprocess.Popen:
     config = Path(tempfile.mkdtemp(prefix="deeprx-bench-")) / "serve.toml"
     batching = "" if max_queue_delay_ms is None else f"[batching]\nmax_queue_delay_ms = {max_queue_delay_ms}\n"
-    config.write_text(f'[inference]\nbackend = "{backend}"\nspinning = {str(spinning).lower()}\n{batching}')
+    config.write_text(f'[inference]\nbackend = "{backend}"\nspinning = {str(spinning).lower()}\nthreads = {threads}\n'
+                      f'{batching}')
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
                              "--store", str(config.parent / "store"), "--config", str(config),
                              "--port", str(port), "--metrics-port", "0"], cwd=ROOT,
@@ -170,6 +171,8 @@ def main() -> int:
                         help="the services' batching.max_queue_delay_ms (default: the server's)")
     parser.add_argument("--no-spinning", dest="spinning", action="store_false",
                         help="ONNX Runtime's idle threads sleep instead of busy-waiting (inference.spinning = false)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the services' inference.threads (ONNX Runtime intra-op threads; 0: one per core)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal: run the echo server
     args = parser.parse_args()
@@ -183,7 +186,7 @@ def main() -> int:
                                 args.spinning)
     ports = {name: _free_port() for name in args.service_backends.split(",")}
     echo_port = _free_port()
-    services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning)
+    services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning, args.threads)
                 for name, port in ports.items()}
     echo = subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server", str(echo_port)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -203,7 +206,7 @@ def main() -> int:
             server.wait(timeout=30)
     result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,
               "rows": rows, "model": str(args.model),
-              "max_queue_delay_ms": args.max_queue_delay_ms, "spinning": args.spinning}
+              "max_queue_delay_ms": args.max_queue_delay_ms, "spinning": args.spinning, "threads": args.threads}
     if args.json:
         print(json.dumps(result))
         return 0

@@ -43,8 +43,8 @@ def test_windows_forget_old_slots():
 
 
 def test_observer_windows_equal_the_per_slot_means_of_each_context(train_mix_file):
-    """The observer records queued slots in groups; each context's window is still the mean of its
-    own last ``window_slots`` slots, in arrival order."""
+    """The observer records queued slots in groups (estimates in one pass per pilot layout); each
+    context's window is still the mean of its own last ``window_slots`` slots, in arrival order."""
     slots, _ = read_slots(train_mix_file)
     rng = np.random.default_rng(0)
     monitor = FeedbackMonitor(window_slots=7)
@@ -56,9 +56,11 @@ def test_observer_windows_equal_the_per_slot_means_of_each_context(train_mix_fil
         grid, pilots = slots.y[row], slots.pilots[row]
         llrs = rng.normal(0, 4, size=(100, 4)).astype(np.float32)
         observer.observe(ReceivedSlot(f"s{i}", context, grid, pilots, slots.data_mask[row], 4, 0.1), llrs)
-        seen[context].append((float((1 / (1 + np.exp(np.abs(llrs)))).mean()), pilot_sinr_db(grid, pilots)))
+        seen[context].append((float((1 / (1 + np.exp(np.abs(llrs.astype(np.float64))))).mean()),
+                              pilot_sinr_db(grid, pilots)))
     observer.flush()
     observer.close()
+    assert len({(slots.pilots[i % len(slots.y)] != 0).tobytes() for i in range(40)}) > 1, "mixed pilot layouts"
     for context, values in seen.items():
         expected = np.mean(values[-7:], axis=0)
         got = monitor.estimate(context)

@@ -24,3 +24,13 @@ def test_long_delay_spread_and_high_speed_lower_it_at_the_same_snr(tmp_path):
     long_delay = _median_sinr(tmp_path, "channel=TDL-A,delay_spread=1200,speed=0,snr=25,dmrs=1", seed=2)
     fast = _median_sinr(tmp_path, "channel=TDL-A,delay_spread=30,speed=150,snr=25,dmrs=1", seed=3)
     assert long_delay < smooth - 3 and fast < smooth - 3
+
+
+def test_a_batch_of_slots_reads_as_each_slot_alone(train_mix_file):
+    slots, _ = read_slots(train_mix_file)
+    layout = (slots.pilots[0] != 0).tobytes()
+    rows = [i for i in range(len(slots.y)) if (slots.pilots[i] != 0).tobytes() == layout]
+    assert len(rows) > 1
+    batch = pilot_sinr_db(slots.y[rows], slots.pilots[rows])
+    assert batch.shape == (len(rows),)
+    assert np.allclose(batch, [pilot_sinr_db(slots.y[i], slots.pilots[i]) for i in rows], rtol=0, atol=1e-9)

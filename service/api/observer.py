@@ -1,8 +1,8 @@
 """Per-slot work that no response waits for: the label-free estimates of a served slot (expected BER
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
-The thread takes every queued slot at once and updates each context's window and gauges once per
-such group, not once per slot. The queue is bounded; when the thread falls behind, observations are
+The thread takes every queued slot at once: it computes the group's estimates in one pass per pilot
+layout and updates each context's window and gauges once per group, not once per slot. The queue is bounded; when the thread falls behind, observations are
 dropped and counted (``deeprx_slot_observations_dropped_total``): estimates are window means, a
 missing slot only thins the window, and a response is never delayed for them.
 """
@@ -62,12 +62,27 @@ class SlotObserver:
                 return
 
     def _record(self, served: list[tuple[ReceivedSlot, np.ndarray]]) -> None:
+        estimates = np.empty((len(served), 2))
+        estimates[:, 0] = expected_bit_error_rates([llrs for _, llrs in served])
+        by_layout: dict[tuple, list[int]] = {}  # pilot SINR in one pass per pilot layout
+        for i, (slot, _) in enumerate(served):
+            on = slot.pilots != 0
+            by_layout.setdefault((on.shape, np.packbits(on).tobytes()), []).append(i)
+        for rows in by_layout.values():
+            estimates[rows, 1] = pilot_sinr_db(np.stack([served[i][0].grid for i in rows]),
+                                               np.stack([served[i][0].pilots for i in rows]))
         by_context: dict[str, list[tuple[float, float]]] = {}
-        for slot, llrs in served:
-            expected_ber = float((1.0 / (1.0 + np.exp(np.abs(llrs)))).mean())
-            by_context.setdefault(self.metrics.context_label(slot.context), []).append(
-                (expected_ber, pilot_sinr_db(slot.grid, slot.pilots)))
-        for label, estimates in by_context.items():
-            means = self.monitor.record_estimates(label, estimates)
+        for (slot, _), (expected_ber, sinr) in zip(served, estimates.tolist()):
+            by_context.setdefault(self.metrics.context_label(slot.context), []).append((expected_ber, sinr))
+        for label, context_estimates in by_context.items():
+            means = self.monitor.record_estimates(label, context_estimates)
             self.metrics.context_ber_estimate.labels(label).set(means.expected_ber)
             self.metrics.context_pilot_sinr.labels(label).set(means.pilot_sinr_db)
+
+
+def expected_bit_error_rates(llrs: list[np.ndarray]) -> np.ndarray:
+    """Each slot's mean bit error probability if its LLRs are calibrated, 1 / (1 + e^|LLR|), in
+    double precision over all the slots' LLRs at once."""
+    flat = np.abs(np.concatenate([x.ravel() for x in llrs]).astype(np.float64))
+    sizes = np.array([x.size for x in llrs])
+    return np.add.reduceat(1.0 / (1.0 + np.exp(flat)), np.cumsum(sizes) - sizes) / sizes
