@@ -259,7 +259,7 @@ def _influence_arguments(parser: argparse.ArgumentParser, fit_slots: int) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     from service.receiver.features import INPUTS
-    from service.receiver.model import SIZES
+    from service.receiver.model import PADDINGS, SIZES
     from service.receiver.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="deeprx-service", description=__doc__)
@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="feature channels the model reads (default: the size's own; for ablations): grid = "
                             "received grid, pilots and raw LS; classical adds Sionna's interpolated LS estimate, "
                             "the LMMSE symbol estimate and noise levels")
+    train.add_argument("--padding", default=defaults.padding, choices=("",) + PADDINGS,
+                       help="what the 3x3 convolutions read past the slot's edges (default: the size's own, zeros; "
+                            "for ablations): replicate repeats the edge REs; a resumed run may change it, the "
+                            "weights are the same")
     train.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps")
     train.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size)
     train.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate,

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from service.receiver.checkpoint import load_checkpoint, save_checkpoint
+from service.receiver.features import num_feature_channels
 from service.receiver.loss import bce_bits, bit_errors, per_slot_bce_bits
-from service.receiver.model import DeepRx, DeepRxConfig, DilatedDepthwiseConv, MatchedFilter, config_for
+from service.receiver.model import (
+    PADDINGS,
+    DeepRx,
+    DeepRxConfig,
+    DilatedDepthwiseConv,
+    MatchedFilter,
+    config_for,
+    conv_patches,
+)
 
 
 @pytest.mark.parametrize("rx", [1, 2, 4])
@@ -61,6 +70,44 @@ def test_dilated_depthwise_convolution_with_gradients_is_the_dilated_convolution
         assert torch.allclose(got, want, atol=1e-12)
     with torch.no_grad():
         assert torch.allclose(conv(x), direct, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_replicate_padding_repeats_the_edge_and_patches_follow_the_padding(padding):
+    torch.manual_seed(0)
+    conv = DilatedDepthwiseConv(4, (3, 6), padding).double()
+    x = torch.randn(2, 4, 12, 14, dtype=torch.float64, requires_grad=True)
+    mode = "constant" if padding == "zeros" else padding
+    padded = torch.nn.functional.pad(x, (6, 6, 3, 3), mode=mode)
+    direct = torch.nn.functional.conv2d(padded, conv.weight, dilation=(3, 6), groups=4)
+    y = conv(x)  # parameters require gradients: zeros takes the space-to-batch path, replicate the direct one
+    assert torch.allclose(y, direct, atol=1e-12)
+    upstream = torch.randn_like(y)
+    (weight_grad,) = torch.autograd.grad(y, [conv.weight], upstream)
+    patches = conv_patches(conv, x).reshape(2, 4, 9, -1)  # [B, channel, tap, position]
+    from_patches = torch.einsum("bcl,bckl->ck", upstream.flatten(2), patches).reshape(conv.weight.shape)
+    assert torch.allclose(from_patches, weight_grad, atol=1e-10)
+
+
+def test_a_replicate_model_exports_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = DeepRx(config_for("tiny", padding="replicate")).eval()
+    assert DeepRxConfig.from_dict(model.config.to_dict()).padding == "replicate"
+    save_checkpoint(tmp_path / "m", model, {"size": "tiny"})
+    loaded = load_checkpoint(tmp_path / "m").model
+    features, k = torch.randn(2, num_feature_channels(2), 12, 14), torch.full((2,), 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(features, k), model(features, k))
+        zeros = DeepRx(config_for("tiny")).eval()
+        zeros.load_state_dict(model.state_dict())  # same weights, other padding: only the edges differ
+        difference = (zeros(features, k) - model(features, k)).abs().amax(dim=(0, 1))  # [F, S]
+        assert difference[0].max() > 0 and difference[-1].max() > 0
+    from service.serving.backend import OnnxRuntimeBackend  # edge padding exports as ONNX Pad(mode=edge)
+
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxRuntimeBackend(model)(features, k), model(features, k), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="padding"):
+        config_for("tiny", padding="reflect")
 
 
 def test_configs_without_products_still_load():

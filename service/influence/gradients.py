@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from service.receiver.features import SlotTensors
 from service.receiver.loss import per_slot_bce_bits
+from service.receiver.model import conv_patches
 
 
 @dataclass
@@ -181,7 +182,7 @@ def _masked_weight_gradient(conv: nn.Conv2d, x: torch.Tensor, d_out: torch.Tenso
     is faster (the elementwise path is memory-bound); it lives for this layer only."""
     kernel = conv.kernel_size[0] * conv.kernel_size[1]
     per_group_in = conv.in_channels // conv.groups
-    unfolded = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, I*kh*kw, L]
+    unfolded = conv_patches(conv, x)  # [B, I*kh*kw, L]
     row_size = per_group_in * kernel
     if 16 * len(kept) >= conv.weight.numel():
         batch, positions = d_out.shape[0], d_out.shape[-1]

@@ -24,13 +24,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from service.influence.curvature import InverseCurvature
 from service.influence.gradients import ParameterSpace
 from service.receiver.features import SlotTensors
 from service.receiver.loss import per_slot_bce_bits
+from service.receiver.model import conv_patches
 
 
 @dataclass
@@ -73,8 +73,7 @@ class _Layer:
         """Layer input -> [B, L, G, d_a] receptive fields (with the bias column of ones)."""
         m = self.module
         if isinstance(m, nn.Conv2d):
-            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            cols = cols.transpose(1, 2).reshape(x.shape[0], -1, self.groups, self.in_per_group)
+            cols = conv_patches(m, x).transpose(1, 2).reshape(x.shape[0], -1, self.groups, self.in_per_group)
         else:
             cols = x.reshape(x.shape[0], -1, 1, self.in_per_group)
         if self.bias_slice is not None:

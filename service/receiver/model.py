@@ -18,6 +18,7 @@ from schema.scenario import MAX_BITS_PER_SYMBOL
 from service.receiver.features import bit_mask, num_input_channels
 
 LLR_INPUT_SCALE = 8.0
+PADDINGS = ("zeros", "replicate")
 _FULL_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 128, 128, 64, 64)
 # (subcarrier, symbol) dilations: wide in frequency where the channel is smooth, short in time.
 _FULL_DILATIONS = ((1, 1), (1, 1), (2, 3), (2, 3), (2, 3), (3, 6), (2, 3), (2, 3), (2, 3), (1, 1), (1, 1))
@@ -27,7 +28,9 @@ _FULL_DILATIONS = ((1, 1), (1, 1), (2, 3), (2, 3), (2, 3), (3, 6), (2, 3), (2, 3
 class DeepRxConfig:
     """Architecture of one DeepRx; ``dilations`` are (subcarrier, symbol) per block; ``products``
     complex estimates enter a ``MatchedFilter`` after block ``products_after`` (0 products: none);
-    ``inputs`` names the feature channels it reads (``features.INPUTS``)."""
+    ``inputs`` names the feature channels it reads (``features.INPUTS``); ``padding`` is what the 3x3
+    convolutions read past the slot's edges: ``zeros`` (the published DeepRx) or ``replicate`` (the
+    edge REs repeated, so edge symbols and subcarriers see their neighbours' values, not silence)."""
 
     widths: tuple[int, ...]
     dilations: tuple[tuple[int, int], ...]
@@ -35,6 +38,7 @@ class DeepRxConfig:
     products: int = 0
     products_after: int = 0
     inputs: str = "grid"
+    padding: str = "zeros"
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.dilations):
@@ -42,6 +46,8 @@ class DeepRxConfig:
         if not 0 <= self.products_after < len(self.widths):
             raise ValueError("products_after must name a block")
         num_input_channels(self.rx, self.inputs)  # validates inputs
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got '{self.padding}'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +55,8 @@ class DeepRxConfig:
     @staticmethod
     def from_dict(values: dict) -> "DeepRxConfig":
         return DeepRxConfig(tuple(values["widths"]), tuple(tuple(d) for d in values["dilations"]), values["rx"],
-                            values.get("products", 0), values.get("products_after", 0), values.get("inputs", "grid"))
+                            values.get("products", 0), values.get("products_after", 0), values.get("inputs", "grid"),
+                            values.get("padding", "zeros"))
 
 
 def _scaled(divisor: int, rx: int) -> DeepRxConfig:
@@ -65,12 +72,22 @@ SIZES = {
 }
 
 
-def config_for(size: str, rx: int = 2, inputs: str | None = None) -> DeepRxConfig:
-    """The architecture of ``size``; ``inputs`` overrides its feature channels (for ablations)."""
+def config_for(size: str, rx: int = 2, inputs: str | None = None, padding: str | None = None) -> DeepRxConfig:
+    """The architecture of ``size``; ``inputs`` and ``padding`` override its own (for ablations)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}' (one of {', '.join(SIZES)})")
     config = SIZES[size](rx)
-    return replace(config, inputs=inputs) if inputs else config
+    overrides = {name: value for name, value in (("inputs", inputs), ("padding", padding)) if value}
+    return replace(config, **overrides)
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The receptive fields ``conv`` reads from ``x`` [B, I, H, W] as ``F.unfold`` lays them out,
+    [B, I*kh*kw, L], its padding mode included (per-sample gradients and curvature factors need them)."""
+    if conv.padding_mode == "zeros":
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    return F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
 
 
 class DilatedDepthwiseConv(nn.Conv2d):
@@ -80,16 +97,19 @@ class DilatedDepthwiseConv(nn.Conv2d):
     backward of a dilated depthwise convolution is several times slower than the undilated one, and
     on this CPU it made a fine-tuning step 0.31 s instead of 0.24 s. Inference (no gradients, ONNX
     export) and torch.func transforms (per-sample gradients, GGN products), where the rearranging
-    copies cost more than they save, keep the direct dilated convolution."""
+    copies cost more than they save, keep the direct dilated convolution, and so does replicate
+    padding (the rearrangement pads with zeros)."""
 
-    def __init__(self, channels: int, dilation: tuple[int, int]):
-        super().__init__(channels, channels, 3, padding=dilation, dilation=dilation, groups=channels, bias=False)
+    def __init__(self, channels: int, dilation: tuple[int, int], padding: str = "zeros"):
+        super().__init__(channels, channels, 3, padding=dilation, dilation=dilation, groups=channels, bias=False,
+                         padding_mode=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dh, dw = self.dilation
         autograd = (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
                     and not torch._C._are_functorch_transforms_active())  # under vmap/jvp the copies cost more
-        if (dh, dw) == (1, 1) or not autograd or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if ((dh, dw) == (1, 1) or not autograd or self.padding_mode != "zeros" or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):
             return super().forward(x)
         batch, channels, height, width = x.shape
         rows, cols = -(-height // dh), -(-width // dw)  # phase grid, zero-padded to a multiple
@@ -102,9 +122,9 @@ class DilatedDepthwiseConv(nn.Conv2d):
 
 
 class _DepthwiseSeparable(nn.Sequential):
-    def __init__(self, cin: int, cout: int, dilation: tuple[int, int]):
+    def __init__(self, cin: int, cout: int, dilation: tuple[int, int], padding: str):
         super().__init__(
-            DilatedDepthwiseConv(cin, tuple(dilation)),
+            DilatedDepthwiseConv(cin, tuple(dilation), padding),
             nn.Conv2d(cin, cout, 1),
         )
 
@@ -112,11 +132,11 @@ class _DepthwiseSeparable(nn.Sequential):
 class ResBlock(nn.Module):
     """Pre-activation residual block: (BN, ReLU, depthwise-separable conv) twice, plus a skip."""
 
-    def __init__(self, cin: int, cout: int, dilation: tuple[int, int]):
+    def __init__(self, cin: int, cout: int, dilation: tuple[int, int], padding: str = "zeros"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(), _DepthwiseSeparable(cin, cout, dilation),
-            nn.BatchNorm2d(cout), nn.ReLU(), _DepthwiseSeparable(cout, cout, dilation),
+            nn.BatchNorm2d(cin), nn.ReLU(), _DepthwiseSeparable(cin, cout, dilation, padding),
+            nn.BatchNorm2d(cout), nn.ReLU(), _DepthwiseSeparable(cout, cout, dilation, padding),
         )
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -156,9 +176,10 @@ class DeepRx(nn.Module):
         self.config = config
         widths = config.widths
         self.num_inputs = num_input_channels(config.rx, config.inputs)
-        self.input_conv = nn.Conv2d(self.num_inputs, widths[0], 3, padding=1)
+        self.input_conv = nn.Conv2d(self.num_inputs, widths[0], 3, padding=1, padding_mode=config.padding)
         self.blocks = nn.Sequential(*[
-            ResBlock(cin, cout, d) for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
+            ResBlock(cin, cout, d, config.padding)
+            for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
         ])
         self.matched_filter = (MatchedFilter(widths[config.products_after], config.products, config.rx)
                                if config.products else None)

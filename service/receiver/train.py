@@ -28,6 +28,7 @@ class TrainConfig:
 
     size: str = "small"
     inputs: str = ""  # feature channels the model reads; empty: the size's own (features.INPUTS)
+    padding: str = ""  # what the 3x3 convolutions read past the slot's edges; empty: the size's own (zeros)
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -100,7 +101,7 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
     rx = int(slots.y.shape[1])
 
     torch.manual_seed(config.seed)
-    model = DeepRx(config_for(config.size, rx, config.inputs or None)).to(where)
+    model = DeepRx(config_for(config.size, rx, config.inputs or None, config.padding or None)).to(where)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start_step, history, seconds = 0, [], 0.0
     if (out_dir / "model.json").exists():
