@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from schema.dataset import read_slots
@@ -42,6 +43,7 @@ def test_windows_forget_old_slots():
     assert monitor.window("c").ber == 0.0 and monitor.window("c").slots == 5
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the thread must end cleanly
 def test_observer_windows_equal_the_per_slot_means_of_each_context(train_mix_file):
     """The observer records queued slots in groups (estimates in one pass per pilot layout); each
     context's window is still the mean of its own last ``window_slots`` slots, in arrival order."""

@@ -62,6 +62,8 @@ class SlotObserver:
                 return
 
     def _record(self, served: list[tuple[ReceivedSlot, np.ndarray]]) -> None:
+        if not served:  # close() with nothing queued
+            return
         estimates = np.empty((len(served), 2))
         estimates[:, 0] = expected_bit_error_rates([llrs for _, llrs in served])
         by_layout: dict[tuple, list[int]] = {}  # pilot SINR in one pass per pilot layout
