@@ -86,7 +86,8 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     [B, I*kh*kw, L], its padding mode included (per-sample gradients and curvature factors need them)."""
     if conv.padding_mode == "zeros":
         return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    (pad_h, pad_w) = conv.padding  # symmetric: (left, right, top, bottom) for F.pad
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=conv.padding_mode)
     return F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
 
 
