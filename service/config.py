@@ -62,7 +62,7 @@ class LimitsConfig:
     max_concurrent_rpcs: int = 512
     stream_window: int = 64  # slots in flight per stream before the server stops reading it
     max_queued_slots: int = 1024  # slots waiting for a batch; beyond it slots get RESOURCE_EXHAUSTED
-    workers: int = 64  # gRPC handler threads
+    workers: int = 64  # threads for the unary RPCs (StreamDetect runs on the server's event loop)
 
 
 @dataclass

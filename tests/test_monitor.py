@@ -57,7 +57,8 @@ def test_observer_windows_equal_the_per_slot_means_of_each_context(train_mix_fil
         context = "a" if i % 3 else "b"
         grid, pilots = slots.y[row], slots.pilots[row]
         llrs = rng.normal(0, 4, size=(100, 4)).astype(np.float32)
-        observer.observe(ReceivedSlot(f"s{i}", context, grid, pilots, slots.data_mask[row], 4, 0.1), llrs)
+        observer.observe(ReceivedSlot(f"s{i}", context, grid, pilots, slots.data_mask[row], 4, 0.1,
+                                      int(slots.dmrs_additional_position[row])), llrs)
         seen[context].append((float((1 / (1 + np.exp(np.abs(llrs.astype(np.float64))))).mean()),
                               pilot_sinr_db(grid, pilots)))
     observer.flush()

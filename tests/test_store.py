@@ -15,7 +15,7 @@ def _slot(i: int, context: str = "c") -> ReceivedSlot:
     pilots[2, ::2] = 1 + 1j
     mask = np.ones((14, 12), bool)
     mask[2] = False
-    return ReceivedSlot(f"s{i}", context, grid, pilots, mask, 2, 0.1)
+    return ReceivedSlot(f"s{i}", context, grid, pilots, mask, 2, 0.1, dmrs_position=0)  # DMRS on symbol 2 only
 
 
 def test_retention_keeps_the_newest_samples(tmp_path):

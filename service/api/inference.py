@@ -75,8 +75,8 @@ class InferenceRpcs(RpcBase):
         """Results in request order; at most ``stream_window`` slots in flight, then the server stops
         reading the stream and HTTP/2 flow control holds the client back. It runs on the server's
         event loop (the other RPCs run on its thread pool): one thread serves every stream, where a
-        reader and a handler thread per stream cost a third of the server's CPU per slot in thread
-        hand-offs (``docs/operations.md#serving-cpu-budget``)."""
+        reader and a handler thread per stream cost about a quarter of the server's CPU per slot
+        (1.0 of 4.2 ms) (``docs/operations.md#serving-cpu-budget``)."""
         window: asyncio.Queue = asyncio.Queue(maxsize=self.config.limits.stream_window)
         end = object()
 

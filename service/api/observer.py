@@ -2,7 +2,8 @@
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
 The thread takes every queued slot at once: it computes the group's estimates in one pass per pilot
-layout and updates each context's window and gauges once per group, not once per slot. The queue is bounded; when the thread falls behind, observations are
+layout and updates each context's window and gauges once per group, not once per slot. The queue is
+bounded; when the thread falls behind, observations are
 dropped and counted (``deeprx_slot_observations_dropped_total``): estimates are window means, a
 missing slot only thins the window, and a response is never delayed for them.
 """
@@ -66,10 +67,9 @@ class SlotObserver:
             return
         estimates = np.empty((len(served), 2))
         estimates[:, 0] = expected_bit_error_rates([llrs for _, llrs in served])
-        by_layout: dict[tuple, list[int]] = {}  # pilot SINR in one pass per pilot layout
+        by_layout: dict[tuple, list[int]] = {}  # pilot SINR in one pass per pilot layout (checked at decode)
         for i, (slot, _) in enumerate(served):
-            on = slot.pilots != 0
-            by_layout.setdefault((on.shape, np.packbits(on).tobytes()), []).append(i)
+            by_layout.setdefault((slot.pilots.shape, slot.dmrs_position), []).append(i)
         for rows in by_layout.values():
             estimates[rows, 1] = pilot_sinr_db(np.stack([served[i][0].grid for i in rows]),
                                                np.stack([served[i][0].pilots for i in rows]))

@@ -121,11 +121,11 @@ def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: in
     if not (np.abs(pilots) > 0).any():
         raise invalid(f"{field}.pilots: no pilot REs")
     try:
-        check_pilot_layout(pilots)
+        dmrs_position = check_pilot_layout(pilots)
     except PilotLayoutError as err:
         raise invalid(f"{field}.pilots: {err}") from None
     return ReceivedSlot(slot.slot_id, slot.context or "default", grid, pilots, data, int(slot.modulation),
-                        float(slot.noise_variance), arrival)
+                        float(slot.noise_variance), dmrs_position, arrival)
 
 
 def check_context(context: str, field: str) -> None:

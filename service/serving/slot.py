@@ -15,4 +15,5 @@ class ReceivedSlot:
     data_mask: np.ndarray  # bool [14, F]
     bits_per_symbol: int
     noise_variance: float
+    dmrs_position: int  # the PUSCH DMRS additional position its pilots occupy (checked at decode)
     arrival: float = 0.0  # time.perf_counter() when the server decoded it
