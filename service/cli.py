@@ -278,11 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--inputs", default=defaults.inputs, choices=("",) + INPUTS,
                        help="feature channels the model reads (default: the size's own; for ablations): grid = "
                             "received grid, pilots and raw LS; classical adds Sionna's interpolated LS estimate, "
-                            "the LMMSE symbol estimate and noise levels")
+                            "the LMMSE symbol estimate and noise levels; residual adds LS-LMMSE's LLRs to the "
+                            "output; weighted adds them times a per-RE weight the network computes")
     train.add_argument("--padding", default=defaults.padding, choices=("",) + PADDINGS,
                        help="what the 3x3 convolutions read past the slot's edges (default: the size's own, zeros; "
                             "for ablations): replicate repeats the edge REs; a resumed run may change it, the "
                             "weights are the same")
+    train.add_argument("--init", default=defaults.init, metavar="MODEL_DIR",
+                       help="start a new run from this model's weights (a fine-tune; weights the new "
+                            "architecture adds, such as the LLR weight of --inputs weighted, start at their initial "
+                            "values); ignored when --out already holds a checkpoint to resume")
+    train.add_argument("--new-lr-scale", dest="new_lr_scale", type=float, default=defaults.new_lr_scale,
+                       help="with --init: the learning rate of the weights the init lacks, as a multiple of "
+                            "--learning-rate (they start from nothing while the rest is trained)")
     train.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps")
     train.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size)
     train.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate,

@@ -31,6 +31,18 @@ def test_onnxruntime_equals_torch_for_every_size(size, train_mix_file):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_onnxruntime_equals_torch_for_a_weighted_model(train_mix_file):
+    data = prepare(read_slots(train_mix_file, slice(0, 8))[0])
+    torch.manual_seed(0)
+    model = DeepRx(config_for("small", inputs="weighted")).eval()
+    with torch.no_grad():  # LS-LMMSE's LLRs weighted differently on every RE
+        torch.nn.init.normal_(model.prior_weight.weight, std=0.5)
+        torch.nn.init.constant_(model.prior_weight.bias, 0.3)
+    expected = TorchBackend(model)(data.features, data.bits_per_symbol)
+    torch.testing.assert_close(OnnxRuntimeBackend(model)(data.features, data.bits_per_symbol), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("spinning", [False, True])
 def test_inference_spinning_from_the_config_file_reaches_the_session(spinning, tmp_path, train_mix_file):
     path = tmp_path / "server.toml"

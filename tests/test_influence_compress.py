@@ -67,15 +67,19 @@ def test_cli_compressed_ranking_agrees_with_exact(train_mix_file, high_snr_file,
     assert len(set(exact[:10]) & set(sketched[:10])) >= 7
 
 
-@pytest.mark.parametrize("products,padding", [(0, "zeros"), (2, "zeros"), (2, "replicate")])
-def test_per_layer_masked_gradients_equal_the_kept_coordinates_of_dense_ones(train_mix_file, products, padding):
+@pytest.mark.parametrize("products,padding,inputs", [(0, "zeros", "grid"), (2, "zeros", "grid"),
+                                                     (2, "replicate", "grid"), (0, "zeros", "weighted")])
+def test_per_layer_masked_gradients_equal_the_kept_coordinates_of_dense_ones(train_mix_file, products, padding,
+                                                                            inputs):
     from schema.dataset import read_slots
     from service.influence.gradients import ParameterSpace
     from service.receiver.features import prepare
     from service.receiver.model import DeepRx, DeepRxConfig
 
     torch.manual_seed(0)  # two blocks: dilated depthwise 3x3, 1x1 pointwise, a 1x1 skip, and the matched filter
-    model = DeepRx(DeepRxConfig((8, 12), ((1, 1), (2, 3)), 2, products, 0, padding=padding)).double().eval()
+    model = DeepRx(DeepRxConfig((8, 12), ((1, 1), (2, 3)), 2, products, 0, inputs, padding)).double().eval()
+    if model.prior_weight is not None:  # so gradients flow through both factors of the LLR term
+        torch.nn.init.constant_(model.prior_weight.bias, 0.5)
     data = prepare(read_slots(train_mix_file, slice(0, 5))[0])
     data.features, data.labels = data.features.double(), data.labels.double()
     space = ParameterSpace.convolutions(model)

@@ -161,3 +161,20 @@ def test_an_untrained_residual_model_is_exactly_ls_lmmse(train_mix_file):
     torch.manual_seed(0)
     report = evaluate(DeepRx(config_for("small", inputs="residual")), slots)
     assert report.errors["deeprx"].tolist() == report.errors["ls_lmmse"].tolist()
+
+
+def test_weighted_inputs_add_ls_lmmse_llrs_times_the_networks_weight(train_mix_file):
+    """Weighted inputs: logits = the network's own + w * LS-LMMSE's LLRs, w a 1x1 convolution of the
+    head's normalised features (its bias alone here: a constant weight)."""
+    from schema.dataset import read_slots
+    from service.receiver.features import prepare
+
+    data = prepare(read_slots(train_mix_file, slice(0, 4))[0])
+    torch.manual_seed(0)
+    model = DeepRx(config_for("tiny", inputs="weighted")).eval()
+    own = model(data.features, data.bits_per_symbol)
+    prior = data.features[:, -6:]  # LS-LMMSE's LLRs (0 for bits the modulation lacks)
+    for weight in (0.25, 1.0, -0.5):
+        with torch.no_grad():
+            model.prior_weight.bias.fill_(weight)
+        torch.testing.assert_close(model(data.features, data.bits_per_symbol), own + weight * prior)

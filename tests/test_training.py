@@ -93,3 +93,39 @@ def test_training_on_a_missing_gpu_is_a_clear_error(high_snr_file, tmp_path, cap
     assert service_main(["train", "--data", str(high_snr_file), "--out", str(tmp_path / "m"), "--size", "tiny",
                          "--steps", "1", "--device", "cuda", "--quiet"]) == 2
     assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_weighted_fine_tune_starts_from_a_classical_model_and_refuses_another_architecture(
+        high_snr_file, tmp_path, capsys):
+    common = ["--data", str(high_snr_file), "--size", "tiny", "--batch-size", "8", "--checkpoint-every", "4",
+              "--validation-slots", "8", "--quiet"]
+    classical = tmp_path / "classical"
+    assert service_main(["train", *common, "--inputs", "classical", "--steps", "4", "--out", str(classical)]) == 0
+
+    from service.receiver.checkpoint import load_checkpoint
+    from service.receiver.train import initialize_from
+    source = load_checkpoint(classical).model
+    weighted = DeepRx(config_for("tiny", inputs="weighted")).eval()
+    initialize_from(weighted, classical)  # the LLR weight starts at 0: the classical model's logits exactly
+    data = prepare(read_slots(high_snr_file, slice(0, 4))[0])
+    torch.testing.assert_close(weighted(data.features, data.bits_per_symbol),
+                               source(data.features, data.bits_per_symbol), rtol=0, atol=0)
+
+    out = tmp_path / "weighted"
+    assert service_main(["train", *common, "--inputs", "weighted", "--init", str(classical), "--steps", "8",
+                         "--learning-rate", "1e-2", "--out", str(out)]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["train"]["init"] == str(classical) and meta["config"]["inputs"] == "weighted"
+    assert meta["fresh_parameters"] == ["prior_weight.weight", "prior_weight.bias"]
+    tuned = load_checkpoint(out).model
+    assert float(tuned.prior_weight.weight.abs().sum() + tuned.prior_weight.bias.abs()) > 0, "the LLR weight learnt"
+    # a resumed fine-tune keeps its fresh parameters' own learning rate (and the optimizer state's layout)
+    assert service_main(["train", *common, "--inputs", "weighted", "--init", str(classical), "--steps", "12",
+                         "--learning-rate", "1e-2", "--out", str(out)]) == 0
+    resumed = json.loads((out / "model.json").read_text())
+    assert resumed["steps"] == 12 and resumed["fresh_parameters"] == meta["fresh_parameters"]
+
+    # grid inputs read fewer channels: their input convolution has another shape
+    assert service_main(["train", *common, "--inputs", "grid", "--init", str(classical), "--steps", "4",
+                         "--out", str(tmp_path / "grid")]) == 2
+    assert "another architecture" in capsys.readouterr().err

@@ -17,8 +17,10 @@ LLR_ls                6      max-log LLRs of that estimate (LS-LMMSE's soft bits
 ====================  =====  =================================================================
 
 A model reads a prefix of them: ``grid`` inputs (the published DeepRx, ``4A + 2`` channels),
-``classical`` inputs (``6A + 6``) or ``residual`` inputs (all ``6A + 12``: the model then corrects
-LS-LMMSE's LLRs rather than starting from nothing). Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise
+``classical`` inputs (``6A + 6``), ``residual`` inputs (all ``6A + 12``: the model then corrects
+LS-LMMSE's LLRs rather than starting from nothing) or ``weighted`` inputs (all: the network reads the
+classical ones and adds LS-LMMSE's LLRs to its output times a per-RE weight it computes). Sionna's
+DMRS have ``|P|^2 = 2`` (CDM power boost). The noise
 variance comes with the slot (the simulator's, or the sender's estimate); where it is unknown (0),
 the featurizer estimates it from the pilots (``classical.pilot_noise_variance``).
 """
@@ -33,7 +35,7 @@ from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
 from service.receiver.classical import ls_channel_estimate, maxlog_llrs, mrc_equalize, pilot_noise_variance, power
 
-INPUTS = ("grid", "classical", "residual")
+INPUTS = ("grid", "classical", "residual", "weighted")
 LLR_CLIP = 32.0
 _LOG_FLOOR = 1e-6  # log10 features are clamped to [-6, 3]
 
@@ -41,12 +43,13 @@ _LOG_FLOOR = 1e-6  # log10 features are clamped to [-6, 3]
 def num_input_channels(rx: int, inputs: str = "grid") -> int:
     if inputs not in INPUTS:
         raise ValueError(f"unknown model inputs '{inputs}' (one of {', '.join(INPUTS)})")
-    return {"grid": 4 * rx + 2, "classical": 6 * rx + 6, "residual": 6 * rx + 6 + MAX_BITS_PER_SYMBOL}[inputs]
+    everything = num_feature_channels(rx)
+    return {"grid": 4 * rx + 2, "classical": 6 * rx + 6, "residual": everything, "weighted": everything}[inputs]
 
 
 def num_feature_channels(rx: int) -> int:
     """Channels the featurizer produces (every model reads a prefix of them)."""
-    return num_input_channels(rx, INPUTS[-1])
+    return 6 * rx + 6 + MAX_BITS_PER_SYMBOL
 
 
 def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:

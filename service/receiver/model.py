@@ -170,14 +170,19 @@ class MatchedFilter(nn.Module):
 class DeepRx(nn.Module):
     """features [B, 6A+12, F, S] (it reads the first ``num_inputs``), bits_per_symbol [B]
     -> logits [B, 6, F, S] (unused bits are 0). With ``residual`` inputs the logits are LS-LMMSE's
-    LLRs plus the network's correction."""
+    LLRs plus the network's correction; with ``weighted`` inputs they are the network's own plus
+    LS-LMMSE's LLRs times a per-RE weight the network computes (``prior_weight``): where the
+    classical chain is near-perfect (two pilot symbols, high SNR) the network can pass its decisions
+    through, and leave them out where its estimate is poor, instead of learning to cancel them."""
 
     def __init__(self, config: DeepRxConfig):
         super().__init__()
         self.config = config
         widths = config.widths
         self.num_inputs = num_input_channels(config.rx, config.inputs)
-        self.input_conv = nn.Conv2d(self.num_inputs, widths[0], 3, padding=1, padding_mode=config.padding)
+        # weighted: the LLRs bypass the trunk, which reads the classical inputs (so it can start from such a model)
+        trunk_inputs = self.num_inputs - MAX_BITS_PER_SYMBOL if config.inputs == "weighted" else self.num_inputs
+        self.input_conv = nn.Conv2d(trunk_inputs, widths[0], 3, padding=1, padding_mode=config.padding)
         self.blocks = nn.Sequential(*[
             ResBlock(cin, cout, d, config.padding)
             for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
@@ -189,19 +194,35 @@ class DeepRx(nn.Module):
         if self.residual:  # a correction of LS-LMMSE's LLRs that starts at zero: the untrained model is LS-LMMSE
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
+        # The weight is a 1x1 convolution of the head's normalised features, unbounded and zero at the start:
+        # a weighted model initialised from a classical one computes its logits exactly, and its gradient
+        # never vanishes (a weight clamped to [0, 1] and started at 0 was pushed below it everywhere
+        # within a few steps of a fine-tune and never came back).
+        self.prior_weight = nn.Conv2d(widths[-1], 1, 1) if config.inputs == "weighted" else None
+        if self.prior_weight is not None:
+            nn.init.zeros_(self.prior_weight.weight)
+            nn.init.zeros_(self.prior_weight.bias)
 
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
         inputs = features[:, :self.num_inputs]
-        if self.residual:  # the LLR channels (the last 6) enter scaled to the other features' range
-            prior = inputs[:, -MAX_BITS_PER_SYMBOL:]
+        prior = inputs[:, -MAX_BITS_PER_SYMBOL:]  # LS-LMMSE's LLRs, the last channels of residual and weighted inputs
+        if self.residual:  # they enter scaled to the other features' range
             inputs = torch.cat([inputs[:, :-MAX_BITS_PER_SYMBOL], prior / LLR_INPUT_SCALE], dim=1)
+        elif self.prior_weight is not None:
+            inputs = inputs[:, :-MAX_BITS_PER_SYMBOL]
         x = self.input_conv(inputs)
         rx = self.config.rx  # features start with Re Y (rx channels), then Im Y (rx channels)
         for index, block in enumerate(self.blocks):
             x = block(x)
             if self.matched_filter is not None and index == self.config.products_after:
                 x = self.matched_filter(x, features[:, :rx], features[:, rx:2 * rx])
-        logits = self.head(x) + prior if self.residual else self.head(x)
+        normalize, activate, output = self.head
+        normalized = normalize(x)
+        logits = output(activate(normalized))
+        if self.residual:
+            logits = logits + prior
+        elif self.prior_weight is not None:
+            logits = logits + self.prior_weight(normalized) * prior
         return logits * bit_mask(bits_per_symbol)
 
     def num_parameters(self) -> int:

@@ -29,6 +29,10 @@ class TrainConfig:
     size: str = "small"
     inputs: str = ""  # feature channels the model reads; empty: the size's own (features.INPUTS)
     padding: str = ""  # what the 3x3 convolutions read past the slot's edges; empty: the size's own (zeros)
+    init: str = ""  # a model directory whose weights a new run starts from (a fine-tune); empty: random
+    # with init: the learning rate of the weights the init lacks, relative to the rest (they start from
+    # nothing while the rest is already trained, and a fine-tune's rate leaves them near their start)
+    new_lr_scale: float = 10.0
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -82,6 +86,31 @@ def training_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def initialize_from(model: DeepRx, directory: str | Path) -> list[str]:
+    """Copy the weights of the model in ``directory`` into ``model`` and return the names of those it
+    lacked, which keep their initial values (the LLR weight a weighted model adds to a classical one,
+    say). Any other difference in architecture is an error."""
+    source = load_checkpoint(directory).model.state_dict()
+    try:
+        missing, unexpected = model.load_state_dict(source, strict=False)
+    except RuntimeError as err:  # a parameter of another shape
+        raise ValueError(f"'{directory}' holds another architecture: {str(err).splitlines()[-1].strip()}") from err
+    if unexpected:
+        raise ValueError(f"'{directory}' has weights this model lacks: {', '.join(unexpected)}")
+    if len(missing) == len(model.state_dict()):
+        raise ValueError(f"'{directory}' shares no weights with this model")
+    return list(missing)
+
+
+def _optimizer(model: DeepRx, fresh: Sequence[str], config: TrainConfig) -> torch.optim.Adam:
+    """Adam; each group's ``lr_scale`` multiplies the schedule: ``new_lr_scale`` for the ``fresh``
+    parameters of a fine-tune, 1 for the rest."""
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in fresh], "lr_scale": 1.0},
+              {"params": [p for n, p in named if n in fresh], "lr_scale": config.new_lr_scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=config.learning_rate)
+
+
 def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, config: TrainConfig,
           progress: bool = True, device: str = "auto") -> dict:
     """Train (or resume, when ``out_dir`` holds a checkpoint of this run) on the slots of ``data_paths``
@@ -102,26 +131,29 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
 
     torch.manual_seed(config.seed)
     model = DeepRx(config_for(config.size, rx, config.inputs or None, config.padding or None)).to(where)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    start_step, history, seconds = 0, [], 0.0
-    if (out_dir / "model.json").exists():
-        previous = load_checkpoint(out_dir, with_optimizer=True)
+    start_step, history, seconds, fresh = 0, [], 0.0, []
+    previous = load_checkpoint(out_dir, with_optimizer=True) if (out_dir / "model.json").exists() else None
+    if previous is not None:
         if previous.metadata.get("train", {}).get("size") != config.size:
             raise ValueError(f"'{out_dir}' holds a '{previous.metadata.get('train', {}).get('size')}' "
                              f"model; cannot resume it as '{config.size}'")
         model.load_state_dict(previous.model.state_dict())
-        if previous.optimizer_state is not None:
-            restore_optimizer_state(optimizer, previous.optimizer_state)
+        fresh = previous.metadata.get("fresh_parameters", [])
         start_step = int(previous.metadata["steps"])
         history = previous.metadata.get("history", [])
         seconds = float(previous.metadata.get("train_seconds", 0.0))
+    elif config.init:
+        fresh = initialize_from(model, config.init)
+    optimizer = _optimizer(model, fresh, config)
+    if previous is not None and previous.optimizer_state is not None:
+        restore_optimizer_state(optimizer, previous.optimizer_state)
 
     def metadata(step: int, train_loss: float) -> dict:
         val_metrics = validate(model, val)
         history.append({"step": step, "train_loss_bits": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()}})
         return {
             "size": config.size, "parameters": model.num_parameters(), "steps": step,
-            "train": asdict(config), "train_seconds": round(seconds, 1),
+            "train": asdict(config), "train_seconds": round(seconds, 1), "fresh_parameters": fresh,
             "data": {"paths": [str(path) for path in data_paths],
                      "scenario": str(attrs.get("scenario", "")),
                      "seeds": [int(part_attrs.get("seed", -1)) for _, part_attrs in parts], "slots": len(tensors)},
@@ -137,7 +169,7 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
     tick = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = learning_rate(config, step) * group["lr_scale"]
         batch = train_set[_batch_indices(len(train_set), config.batch_size, config.seed, step)]
         with torch.autocast(where.type, torch.bfloat16, enabled=config.precision == "bfloat16"):
             loss = bce_bits(model(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
