@@ -82,9 +82,10 @@ def test_train_concatenates_several_datasets_and_records_them(high_snr_file, tra
                          "--validation-slots", "8", "--precision", "bfloat16", "--device", "cpu", "--quiet"]) == 0
     meta = json.loads((out / "model.json").read_text())
     sizes = [len(read_slots(path)[0]) for path in (high_snr_file, train_mix_file)]
-    seeds = [int(read_slots(path)[1]["seed"]) for path in (high_snr_file, train_mix_file)]
+    attrs = [read_slots(path)[1] for path in (high_snr_file, train_mix_file)]
     assert meta["data"]["paths"] == [str(high_snr_file), str(train_mix_file)]
-    assert meta["data"]["slots"] == sum(sizes) and meta["data"]["seeds"] == seeds
+    assert meta["data"]["slots"] == sum(sizes) and meta["data"]["seeds"] == [int(a["seed"]) for a in attrs]
+    assert meta["data"]["scenarios"] == [str(a["scenario"]) for a in attrs]  # each file's own
     assert meta["device"] == "cpu" and meta["train"]["precision"] == "bfloat16"
 
 
@@ -118,7 +119,8 @@ def test_a_weighted_fine_tune_starts_from_a_classical_model_and_refuses_another_
     assert meta["train"]["init"] == str(classical) and meta["config"]["inputs"] == "weighted"
     assert meta["fresh_parameters"] == ["prior_weight.weight", "prior_weight.bias"]
     tuned = load_checkpoint(out).model
-    assert float(tuned.prior_weight.weight.abs().sum() + tuned.prior_weight.bias.abs()) > 0, "the LLR weight learnt"
+    assert float(tuned.prior_weight.weight.detach().abs().sum() + tuned.prior_weight.bias.detach().abs()) > 0, \
+        "the LLR weight learnt"
     # a resumed fine-tune keeps its fresh parameters' own learning rate (and the optimizer state's layout)
     assert service_main(["train", *common, "--inputs", "weighted", "--init", str(classical), "--steps", "12",
                          "--learning-rate", "1e-2", "--out", str(out)]) == 0

@@ -25,8 +25,8 @@ def slot_features(model: DeepRx, data: SlotTensors, chunk: int = 128) -> torch.T
     model.eval()
     rows = []
     captured: dict[str, torch.Tensor] = {}
-    # the last feature map, as it enters the output head
-    handle = model.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+    # the last feature map, as it enters the output head (its normalisation)
+    handle = model.head[0].register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
     try:
         for start in range(0, len(data), chunk):
             part = data[start:start + chunk]
@@ -79,8 +79,10 @@ class InfluenceEstimator(nn.Module):
     def __init__(self, num_features: int, config: EstimatorConfig):
         super().__init__()
         self.config = config
-        self.net = nn.Sequential(nn.Linear(4 * num_features, config.hidden), nn.ReLU(),
-                                 nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
+        with torch.random.fork_rng():  # the initial weights follow config.seed, not whatever ran before
+            torch.manual_seed(config.seed)
+            self.net = nn.Sequential(nn.Linear(4 * num_features, config.hidden), nn.ReLU(),
+                                     nn.Linear(config.hidden, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         self.register_buffer("score_mean", torch.zeros(()))

@@ -121,7 +121,7 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
     parts = [read_slots(path) for path in data_paths]
     if len({part.y.shape[1:] for part, _ in parts}) > 1:
         raise ValueError("datasets differ in antennas or grid size; train on one shape at a time")
-    slots, attrs = SlotBatch.concatenate([part for part, _ in parts]), parts[0][1]
+    slots = SlotBatch.concatenate([part for part, _ in parts])
     where = training_device(device)
     tensors = prepare(slots).to(where)
     order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(config.seed))
@@ -155,7 +155,7 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
             "size": config.size, "parameters": model.num_parameters(), "steps": step,
             "train": asdict(config), "train_seconds": round(seconds, 1), "fresh_parameters": fresh,
             "data": {"paths": [str(path) for path in data_paths],
-                     "scenario": str(attrs.get("scenario", "")),
+                     "scenarios": [str(part_attrs.get("scenario", "")) for _, part_attrs in parts],
                      "seeds": [int(part_attrs.get("seed", -1)) for _, part_attrs in parts], "slots": len(tensors)},
             "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
             "metrics": history[-1], "history": history,
