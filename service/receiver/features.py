@@ -19,10 +19,11 @@ LLR_ls                6      max-log LLRs of that estimate (LS-LMMSE's soft bits
 A model reads a prefix of them: ``grid`` inputs (the published DeepRx, ``4A + 2`` channels),
 ``classical`` inputs (``6A + 6``), ``residual`` inputs (all ``6A + 12``: the model then corrects
 LS-LMMSE's LLRs rather than starting from nothing) or ``weighted`` inputs (all: the network reads the
-classical ones and adds LS-LMMSE's LLRs to its output times a per-RE weight it computes). Sionna's
-DMRS have ``|P|^2 = 2`` (CDM power boost). The noise
-variance comes with the slot (the simulator's, or the sender's estimate); where it is unknown (0),
-the featurizer estimates it from the pilots (``classical.pilot_noise_variance``).
+classical ones and adds LS-LMMSE's LLRs to its output times a per-RE weight it computes).
+
+Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise variance comes with the slot (the
+simulator's, or the sender's estimate); where it is unknown (0), the featurizer estimates it from the
+pilots (``classical.pilot_noise_variance``).
 """
 from __future__ import annotations
 

@@ -205,11 +205,10 @@ class DeepRx(nn.Module):
 
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
         inputs = features[:, :self.num_inputs]
-        prior = inputs[:, -MAX_BITS_PER_SYMBOL:]  # LS-LMMSE's LLRs, the last channels of residual and weighted inputs
-        if self.residual:  # they enter scaled to the other features' range
-            inputs = torch.cat([inputs[:, :-MAX_BITS_PER_SYMBOL], prior / LLR_INPUT_SCALE], dim=1)
-        elif self.prior_weight is not None:
-            inputs = inputs[:, :-MAX_BITS_PER_SYMBOL]
+        if self.residual or self.prior_weight is not None:  # these inputs end with LS-LMMSE's LLRs
+            inputs, prior = inputs[:, :-MAX_BITS_PER_SYMBOL], inputs[:, -MAX_BITS_PER_SYMBOL:]
+            if self.residual:  # they also enter the trunk, scaled to the other features' range
+                inputs = torch.cat([inputs, prior / LLR_INPUT_SCALE], dim=1)
         x = self.input_conv(inputs)
         rx = self.config.rx  # features start with Re Y (rx channels), then Im Y (rx channels)
         for index, block in enumerate(self.blocks):
