@@ -35,11 +35,13 @@ from service.api.requests import MalformedRequestInterceptor
 from service.config import ServerConfig
 from service.influence.index import GradientIndex
 from service.monitoring.monitor import FeedbackMonitor
+from service.serving.backend import resolve
 from service.serving.batcher import DynamicBatcher
 from service.serving.metrics import ServiceMetrics
 from service.serving.registry import Activation, ModelRegistry
 from service.serving.replication import VersionAnnouncer, VersionFollower
 from service.serving.store import SampleStore
+from service.serving.threads import serve_single_threaded
 
 log = logging.getLogger("deeprx.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Receiver"].full_name
@@ -58,6 +60,10 @@ class ReceiverServer:
         credentials = check_security(config.security)  # bad settings fail before anything starts
         store_dir = Path(store_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # torch runs single-threaded in every server thread but the two whose torch work is heavy:
+        # the adaptation jobs' (adaptation.threads) and, for eager PyTorch on the CPU, the batcher's
+        self._torch_threads_before = serve_single_threaded()
+        eager_cpu = device == "cpu" and resolve(config.inference, torch.device(device)) == "torch"
         replication = config.replication
         self.registry = ModelRegistry(replication.registry or store_dir / "models", device, config.inference,
                                       config.models.max_scoped)
@@ -79,7 +85,8 @@ class ReceiverServer:
         self.monitor = FeedbackMonitor(config.monitor.served_slots_memory, config.monitor.ber_window_slots)
         self.observer = SlotObserver(self.monitor, self.metrics)
         self.batcher = DynamicBatcher(self.metrics, config.batching.max_batch_size,
-                                      config.batching.max_queue_delay_ms / 1000, config.limits.max_queued_slots)
+                                      config.batching.max_queue_delay_ms / 1000, config.limits.max_queued_slots,
+                                      torch_threads=config.inference.threads if eager_cpu else 1)
         self.worker = (AdaptationWorker(self.registry, self.store, self.metrics, config.adaptation)
                        if self.store is not None else None)
         self.servicer = ReceiverServicer(config, self.registry, self.batcher, self.store, self.monitor, self.metrics,
@@ -178,6 +185,7 @@ class ReceiverServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        torch.set_num_threads(self._torch_threads_before)
         self._stopped.set()
 
     def wait(self) -> None:

@@ -35,6 +35,7 @@ from service.receiver.features import prepare
 from service.serving.metrics import ServiceMetrics
 from service.serving.registry import ModelRegistry, ScopeLimitError
 from service.serving.store import SampleStore
+from service.serving.threads import start_pinned_thread
 
 log = logging.getLogger("deeprx.adaptation")
 
@@ -74,6 +75,9 @@ class AdaptationConfig:
     auto: bool = False  # targets found by the monitor start jobs by themselves ...
     cooldown_s: float = 600.0  # ... at most once per context in this many seconds
     seed: int = 0
+    # torch CPU threads of the job (0: one per core); the server's other threads run torch on one
+    # (service/serving/threads.py: two multi-threaded torch threads on few cores halve the job's speed)
+    threads: int = 0
 
 
 # what a TriggerAdaptation request may override in its options map, and how each value is read
@@ -103,8 +107,8 @@ class AdaptationWorker:
         for method in METHODS:  # every series exists from the start, so a first failure is an increase
             for outcome in ("accepted", "rejected", "failed"):
                 metrics.adaptation_jobs.labels(method, outcome)
-        self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
-        self._thread.start()
+        # the jobs' thread is the one that runs torch on several cores (``torch_threads`` of them)
+        self._thread, self.torch_threads = start_pinned_thread(self._run, "adaptation-worker", config.threads)
 
     @staticmethod
     def _load(path: str, slots: int):

@@ -22,6 +22,7 @@ from service.receiver.features import featurize
 from service.serving.metrics import ServiceMetrics
 from service.serving.registry import ModelVersion
 from service.serving.slot import ReceivedSlot
+from service.serving.threads import start_pinned_thread
 
 
 @dataclass(eq=False)
@@ -61,7 +62,7 @@ def run_batch(slots: list[ReceivedSlot], version: ModelVersion) -> list[np.ndarr
 
 class DynamicBatcher:
     def __init__(self, metrics: ServiceMetrics, max_batch_size: int = 64, max_queue_delay_s: float = 0.002,
-                 max_queued: int = 4096):
+                 max_queued: int = 4096, torch_threads: int = 1):
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -70,8 +71,8 @@ class DynamicBatcher:
         self._queued = 0  # submitted slots whose batch has not run yet
         self._closed = False
         self._lock = threading.Lock()
-        self._worker = threading.Thread(target=self._run, name="deeprx-batcher", daemon=True)
-        self._worker.start()
+        # torch_threads: the batches' torch CPU threads (0: one per core): one, but eager PyTorch on the CPU
+        self._worker, _ = start_pinned_thread(self._run, "deeprx-batcher", torch_threads)
 
     def submit(self, slot: ReceivedSlot, version: ModelVersion) -> Future:
         """Queue one validated slot; the future resolves to its LLRs [data REs, bits per symbol]."""
