@@ -11,6 +11,7 @@ Example ``server.toml``::
     [inference]
     backend = "auto"        # onnxruntime on CPU when installed, else torch
     spinning = true         # false: ONNX Runtime's idle threads sleep (less CPU per slot, same throughput)
+    threads = 0             # ONNX Runtime's intra-op threads, or eager PyTorch's on the CPU (0: one per core)
 
     [models]
     max_scoped = 16         # contexts that may have a scoped version (specialist)
@@ -29,6 +30,7 @@ Example ``server.toml``::
     regression = "data/train-heldout.h5"
     rehearsal = "data/train.h5"
     method = "target-only"
+    threads = 0             # torch threads of adaptation jobs (0: one per core); other threads use one
 
     [security]
     admin_token = ""        # empty: --admin-token or DEEPRX_ADMIN_TOKEN; none at all: admin RPCs are open

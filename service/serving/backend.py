@@ -30,7 +30,7 @@ _EXPORT_LOCK = threading.Lock()
 @dataclass
 class InferenceConfig:
     backend: str = "auto"  # auto: onnxruntime on CPU when installed, else torch
-    threads: int = 0  # ONNX Runtime intra-op threads (0: one per core)
+    threads: int = 0  # ONNX Runtime intra-op threads, or the batcher's torch threads for eager CPU (0: one per core)
     opset: int = 17  # ONNX opset the versions are exported with
     # ONNX Runtime's idle intra-op threads busy-wait for the next run (its default: the lowest latency
     # at 1 stream); false lets them sleep: a fifth (16 streams) to a half (1 stream) less server CPU per
