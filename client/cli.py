@@ -201,8 +201,9 @@ def _adapt(args: argparse.Namespace) -> int:
                 bar.update(round(job.progress * 100) - bar.n)
                 bar.set_postfix_str(job.stage)
     state = pb.AdaptationJob.State.Name(job.state)
+    protected = "regression set" if job.scope in ("", "global") else "guard (the context's newest slots)"
     print(f"{job.job_id}: {state}; held-out target BER {job.ber_before:.5f} -> {job.ber_after:.5f}; "
-          f"regression BER {job.regression_ber_before:.5f} -> {job.regression_ber_after:.5f}")
+          f"{protected} BER {job.regression_ber_before:.5f} -> {job.regression_ber_after:.5f}")
     if job.new_version:
         print(f"version {job.new_version} ({'active' if state == 'ACCEPTED' else 'kept, not served'}); "
               f"selected: {job.selected_summary or '-'}")
