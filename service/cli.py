@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.receiver.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="deeprx-service", description=__doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); serve runs torch on one thread "
-                             "but in adaptation jobs (adaptation.threads) and eager CPU batches (inference.threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); serve runs torch on one thread but in "
+                             "adaptation jobs (adaptation.threads) and eager CPU batches (inference.threads)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a DeepRx on an HDF5 slot dataset",

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from service.serving.threads import start_pinned_thread
+from service.serving.threads import serve_single_threaded, start_pinned_thread
 
 
 def _count_in_new_thread() -> int:
@@ -18,8 +18,7 @@ def _count_in_new_thread() -> int:
 
 @pytest.fixture
 def single_threaded():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = serve_single_threaded()
     yield
     torch.set_num_threads(before)
 

@@ -71,7 +71,8 @@ class DynamicBatcher:
         self._queued = 0  # submitted slots whose batch has not run yet
         self._closed = False
         self._lock = threading.Lock()
-        # torch_threads: the batches' torch CPU threads (0: one per core): one, but eager PyTorch on the CPU
+        # torch_threads: the batches' torch CPU threads (0: one per core); more than one only pays for
+        # eager PyTorch on the CPU (ONNX Runtime has threads of its own)
         self._worker, _ = start_pinned_thread(self._run, "deeprx-batcher", torch_threads)
 
     def submit(self, slot: ReceivedSlot, version: ModelVersion) -> Future:

@@ -20,11 +20,6 @@ import torch
 _PINNING = threading.Lock()  # one thread sets its count at a time
 
 
-def cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
 def serve_single_threaded() -> int:
     """Make 1 the torch thread count of the calling thread and of threads that start using torch
     later. Call before the process's first torch op: a team made earlier stays. Returns the calling
@@ -66,7 +61,7 @@ def _pin(threads: int) -> int:
     helper thread, which runs no op, sets the process-wide count back.
     """
     default = torch.get_num_threads()  # this thread's first torch call: its copy of the process-wide count
-    torch.set_num_threads(threads or cores())
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))  # 0: the cores this process may use
     restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="torch-threads-restore")
     restore.start()
     restore.join()
