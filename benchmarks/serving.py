@@ -128,11 +128,14 @@ def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) 
     return float(np.median(times)), outputs[:len(starts)]
 
 
-def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int, spinning: bool) -> list[dict]:
-    """Eager PyTorch vs ONNX Runtime on the same featurized batches (threads: each library's default)."""
+def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int, spinning: bool,
+                     spin_between_runs: bool) -> list[dict]:
+    """Eager PyTorch vs ONNX Runtime on the same featurized batches (threads: each library's default;
+    ONNX Runtime's spinning as the services run it)."""
     model = load_checkpoint(model_dir).model.eval()
     data = prepare(slots)
-    eager, onnx = TorchBackend(model), OnnxRuntimeBackend(model, spinning=spinning)
+    eager = TorchBackend(model)
+    onnx = OnnxRuntimeBackend(model, spinning=spinning, spin_between_runs=spin_between_runs)
     rows = []
     for batch in batches:
         eager_s, eager_out = _time_backend(eager, data.features, data.bits_per_symbol, batch, repeats)
@@ -145,11 +148,11 @@ def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int, s
 
 
 def start_service(model: Path, port: int, backend: str, max_queue_delay_ms: float | None,
-                  spinning: bool, threads: int = 0) -> subprocess.Popen:
+                  spinning: bool, spin_between_runs: bool, threads: int = 0) -> subprocess.Popen:
     config = Path(tempfile.mkdtemp(prefix="deeprx-bench-")) / "serve.toml"
     batching = "" if max_queue_delay_ms is None else f"[batching]\nmax_queue_delay_ms = {max_queue_delay_ms}\n"
     config.write_text(f'[inference]\nbackend = "{backend}"\nspinning = {str(spinning).lower()}\nthreads = {threads}\n'
-                      f'{batching}')
+                      f'spin_between_runs = {str(spin_between_runs).lower()}\n{batching}')
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
                              "--store", str(config.parent / "store"), "--config", str(config),
                              "--port", str(port), "--metrics-port", "0"], cwd=ROOT,
@@ -171,6 +174,8 @@ def main() -> int:
                         help="the services' batching.max_queue_delay_ms (default: the server's)")
     parser.add_argument("--no-spinning", dest="spinning", action="store_false",
                         help="ONNX Runtime's idle threads sleep instead of busy-waiting (inference.spinning = false)")
+    parser.add_argument("--spin-between-runs", dest="spin_between_runs", action="store_true",
+                        help="ONNX Runtime's threads also busy-wait between runs (inference.spin_between_runs = true)")
     parser.add_argument("--threads", type=int, default=0,
                         help="the services' inference.threads (ONNX Runtime intra-op threads; 0: one per core)")
     parser.add_argument("--json", action="store_true")
@@ -183,10 +188,11 @@ def main() -> int:
     slots, _ = read_slots(args.data)
     slots = slots.select(slice(0, args.slots))
     backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats,
-                                args.spinning)
+                                args.spinning, args.spin_between_runs)
     ports = {name: _free_port() for name in args.service_backends.split(",")}
     echo_port = _free_port()
-    services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning, args.threads)
+    services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning,
+                                    args.spin_between_runs, args.threads)
                 for name, port in ports.items()}
     echo = subprocess.Popen([sys.executable, __file__, "--data", str(args.data), "--echo-server", str(echo_port)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -206,7 +212,8 @@ def main() -> int:
             server.wait(timeout=30)
     result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,
               "rows": rows, "model": str(args.model),
-              "max_queue_delay_ms": args.max_queue_delay_ms, "spinning": args.spinning, "threads": args.threads}
+              "max_queue_delay_ms": args.max_queue_delay_ms, "spinning": args.spinning,
+              "spin_between_runs": args.spin_between_runs, "threads": args.threads}
     if args.json:
         print(json.dumps(result))
         return 0

@@ -6,11 +6,12 @@ Example ``server.toml``::
 
     [batching]
     max_batch_size = 64
-    max_queue_delay_ms = 2.0
+    max_queue_delay_ms = 0.0  # 0: a batch takes what queued while the last one ran; > 0: waits for more
 
     [inference]
     backend = "auto"        # onnxruntime on CPU when installed, else torch
-    spinning = true         # false: ONNX Runtime's idle threads sleep (less CPU per slot, same throughput)
+    spinning = true         # ONNX Runtime's threads busy-wait between a run's operators (false: less CPU, slower)
+    spin_between_runs = false  # true: and between runs too (ONNX Runtime's default; more CPU, same speed)
     threads = 0             # ONNX Runtime's intra-op threads, or eager PyTorch's on the CPU (0: one per core)
 
     [models]
@@ -52,7 +53,10 @@ from service.serving.backend import InferenceConfig
 @dataclass
 class BatchingConfig:
     max_batch_size: int = 64
-    max_queue_delay_ms: float = 2.0
+    # 0: a batch takes the slots that queued while the last one ran, and no slot waits for company:
+    # under load the queue fills during each forward pass anyway, and at one stream a 2 ms wait was
+    # most of a slot's latency (docs/operations.md#serving-cpu-budget); > 0 waits up to that long
+    max_queue_delay_ms: float = 0.0
 
 
 @dataclass

@@ -86,7 +86,9 @@ class ReceiverServer:
         self.observer = SlotObserver(self.monitor, self.metrics)
         self.batcher = DynamicBatcher(self.metrics, config.batching.max_batch_size,
                                       config.batching.max_queue_delay_ms / 1000, config.limits.max_queued_slots,
-                                      torch_threads=config.inference.threads if eager_cpu else 1)
+                                      torch_threads=config.inference.threads if eager_cpu else 1,
+                                      # the servicer is built next; no batch runs before it exists
+                                      on_batch=lambda *batch: self.servicer.record_served(*batch))
         self.worker = (AdaptationWorker(self.registry, self.store, self.metrics, config.adaptation)
                        if self.store is not None else None)
         self.servicer = ReceiverServicer(config, self.registry, self.batcher, self.store, self.monitor, self.metrics,

@@ -35,16 +35,19 @@ def test_onnxruntime_equals_torch_for_every_size(size, inputs, train_mix_file):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spinning", [False, True])
-def test_inference_spinning_from_the_config_file_reaches_the_session(spinning, tmp_path, train_mix_file):
+@pytest.mark.parametrize("spinning, between_runs", [(False, False), (True, False), (True, True)])
+def test_inference_spinning_from_the_config_file_reaches_the_session(spinning, between_runs, tmp_path,
+                                                                     train_mix_file):
     path = tmp_path / "server.toml"
-    path.write_text(f"[inference]\nbackend = \"onnxruntime\"\nspinning = {str(spinning).lower()}\n")
+    path.write_text(f"[inference]\nbackend = \"onnxruntime\"\nspinning = {str(spinning).lower()}\n"
+                    f"spin_between_runs = {str(between_runs).lower()}\n")
     config = ServerConfig.from_toml(path).inference
     torch.manual_seed(0)
     model = DeepRx(config_for("tiny")).eval()
     backend = build_backend(model, config, torch.device("cpu"))
-    entry = backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-    assert entry == ("1" if spinning else "0")
+    options = backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    assert options.get_session_config_entry("session.force_spinning_stop") == ("0" if between_runs else "1")
     data = prepare(read_slots(train_mix_file, slice(0, 4))[0])
     torch.testing.assert_close(backend(data.features, data.bits_per_symbol),
                                TorchBackend(model)(data.features, data.bits_per_symbol), atol=1e-4, rtol=1e-4)

@@ -52,13 +52,18 @@ def test_observer_windows_equal_the_per_slot_means_of_each_context(train_mix_fil
     monitor = FeedbackMonitor(window_slots=7)
     observer = SlotObserver(monitor, ServiceMetrics(CollectorRegistry()))
     seen: dict[str, list[tuple[float, float]]] = {"a": [], "b": []}
+    batch: tuple[list, list] = ([], [])
     for i in range(40):
         row = i % len(slots.y)
         context = "a" if i % 3 else "b"
         grid, pilots = slots.y[row], slots.pilots[row]
         llrs = rng.normal(0, 4, size=(100, 4)).astype(np.float32)
-        observer.observe(ReceivedSlot(f"s{i}", context, grid, pilots, slots.data_mask[row], 4, 0.1,
-                                      int(slots.dmrs_additional_position[row])), llrs)
+        batch[0].append(ReceivedSlot(f"s{i}", context, grid, pilots, slots.data_mask[row], 4, 0.1,
+                                     int(slots.dmrs_additional_position[row])))
+        batch[1].append(llrs)
+        if i % 5 in (1, 4):  # batches of 2 and 3 slots, as the batcher hands them over
+            observer.observe(*batch)
+            batch = ([], [])
         seen[context].append((float((1 / (1 + np.exp(np.abs(llrs.astype(np.float64))))).mean()),
                               pilot_sinr_db(grid, pilots)))
     observer.flush()

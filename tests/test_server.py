@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.cli import main as client_main
-from client.stream import send_genie_feedback, slot_message, stream_slots
+from client.stream import data_bits, genie_feedback, report_feedback, send_genie_feedback, slot_message, stream_slots
 from proto import codec
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
@@ -46,6 +46,21 @@ def test_streamed_ber_matches_offline_eval_and_feedback_shows_in_metrics(server,
     assert ber == pytest.approx(report.bit_errors / report.num_bits, rel=1e-6) and ber > 0
     assert re.search(r'^deeprx_slots_total\{outcome="ok"\} 64\.0', text, re.M)
     assert server.store.count(labelled_only=True) == len(slots)
+
+
+def test_feedback_sent_the_moment_a_result_arrives_finds_its_slot(server, channel, train_mix_file):
+    """What was served is recorded per batch before any of the batch's results is sent, so a client
+    that reports feedback as soon as it reads a result is never told the slot is unknown, and the
+    errors counted are those of the LLRs it received."""
+    slots, _ = read_slots(train_mix_file)
+    stub = pb_grpc.ReceiverStub(channel)
+    requests = (pb.StreamDetectRequest(slot=slot_message(slots, row, f"prompt-{row}", "prompt"))
+                for row in range(16))
+    for row, result in enumerate(stub.StreamDetect(requests)):
+        response = report_feedback(channel, [genie_feedback(slots, row, result.slot_id)])
+        assert (response.accepted, response.unknown_slots) == (1, 0), result.slot_id
+        hard = codec.decode(result.llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**6) > 0
+        assert response.errors[0].bit_errors == int((hard != data_bits(slots, row)).sum())
 
 
 def test_stored_labelled_slots_read_back_as_a_pool(server, channel, train_mix_file):

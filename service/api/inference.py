@@ -21,6 +21,11 @@ from service.serving.store import SlotLabel
 log = logging.getLogger("deeprx.server")
 
 
+def hard_decisions(llrs: np.ndarray) -> np.ndarray:
+    """Bits decided from LLRs (``log P(1)/P(0)``): 1 where positive."""
+    return (llrs > 0).astype(np.uint8)
+
+
 class InferenceRpcs(RpcBase):
     def _decode(self, slot: pb.Slot, field: str, routing: Routing) -> tuple[ReceivedSlot, ModelVersion]:
         """The validated slot and the version that serves its context in ``routing`` (read once per request)."""
@@ -29,27 +34,33 @@ class InferenceRpcs(RpcBase):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "no active model")
         return decode_slot(slot, field, version.model.config.rx, self.config.limits.max_subcarriers), version
 
-    def _submit(self, slot: ReceivedSlot, version: ModelVersion):
+    def _submit(self, slot: ReceivedSlot, version: ModelVersion, future: asyncio.Future | None = None):
         try:
-            return self.batcher.submit(slot, version)
+            return self.batcher.submit(slot, version, future)
         except BatcherClosed as err:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
         except BatcherFull as err:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
 
+    def record_served(self, slots: list[ReceivedSlot], version: ModelVersion, llrs: list[np.ndarray]) -> None:
+        """A batch the batcher ran (on its worker, before any result is sent, so feedback always finds
+        its slot): remember each slot's hard decisions for feedback, hand the batch to the label-free
+        estimates and the slots to capture."""
+        for slot, slot_llrs in zip(slots, llrs):
+            self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard_decisions(slot_llrs)))
+        self.observer.observe(slots, llrs)
+        if self.store is not None:
+            for slot in slots:
+                self.store.capture(slot, version.version)
+
     def _finish(self, slot: ReceivedSlot, llrs: np.ndarray, version: ModelVersion,
                 return_hard_bits: bool) -> pb.SlotResult:
-        """The result message; remember what was served (for feedback) and hand the slot to capture."""
-        hard = (llrs > 0).astype(np.uint8)
+        """The result message (what was served is recorded per batch: ``record_served``)."""
         latency = time.perf_counter() - slot.arrival
         self.metrics.slot_latency_seconds.observe(latency)
         self.metrics.slots.labels("ok").inc()
-        self.monitor.served(slot.slot_id, ServedSlot(slot.context, version.version, hard))
-        self.observer.observe(slot, llrs)
-        if self.store is not None:
-            self.store.capture(slot, version.version)
         return pb.SlotResult(slot_id=slot.slot_id, llrs=codec.encode(llrs),
-                             hard_bits=codec.encode(hard) if return_hard_bits else None,
+                             hard_bits=codec.encode(hard_decisions(llrs)) if return_hard_bits else None,
                              model_version=version.version, server_latency_seconds=latency)
 
     def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:
@@ -81,11 +92,12 @@ class InferenceRpcs(RpcBase):
         end = object()
 
         async def read() -> None:
+            loop = asyncio.get_running_loop()
             try:
                 index = 0
                 async for request in request_iterator:
                     slot, version = self._decode(request.slot, f"slot (message {index})", self.registry.routing)
-                    pending = asyncio.wrap_future(self._submit(slot, version))
+                    pending = self._submit(slot, version, loop.create_future())
                     await window.put((slot, pending, version, request.return_hard_bits))
                     index += 1
                 await window.put(end)

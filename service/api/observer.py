@@ -1,7 +1,7 @@
 """Per-slot work that no response waits for: the label-free estimates of a served slot (expected BER
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
-The thread takes every queued slot at once: it computes the group's estimates in one pass per pilot
+Slots arrive a batch at a time; the thread takes every queued batch at once: it computes the group's estimates in one pass per pilot
 layout and updates each context's window and gauges once per group, not once per slot. The queue is
 bounded; when the thread falls behind, observations are
 dropped and counted (``deeprx_slot_observations_dropped_total``): estimates are window means, a
@@ -19,23 +19,23 @@ from service.monitoring.pilots import pilot_sinr_db
 from service.serving.metrics import ServiceMetrics
 from service.serving.slot import ReceivedSlot
 
-_MAX_GROUP = 256  # slots taken from the queue at once
+_MAX_GROUP = 64  # batches taken from the queue at once
 
 
 class SlotObserver:
-    def __init__(self, monitor: FeedbackMonitor, metrics: ServiceMetrics, queue_size: int = 4096):
+    def __init__(self, monitor: FeedbackMonitor, metrics: ServiceMetrics, queue_size: int = 1024):  # batches
         self.monitor = monitor
         self.metrics = metrics
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="slot-observer", daemon=True)
         self._thread.start()
 
-    def observe(self, slot: ReceivedSlot, llrs: np.ndarray) -> None:
-        """Queue a served slot's estimates; never blocks."""
+    def observe(self, slots: list[ReceivedSlot], llrs: list[np.ndarray]) -> None:
+        """Queue the estimates of a batch of served slots (one queue item); never blocks."""
         try:
-            self._queue.put_nowait((slot, llrs))
+            self._queue.put_nowait(list(zip(slots, llrs)))
         except queue.Full:
-            self.metrics.observations_dropped.inc()
+            self.metrics.observations_dropped.inc(len(slots))
 
     def flush(self) -> None:
         """Wait until every slot observed so far has been recorded."""
@@ -55,7 +55,7 @@ class SlotObserver:
                     break
             stop = items[-1] is None  # close(): the marker is always last
             try:
-                self._record(items[:-1] if stop else items)
+                self._record([served for batch in (items[:-1] if stop else items) for served in batch])
             finally:
                 for _ in items:
                     self._queue.task_done()

@@ -118,7 +118,7 @@ def decode_slot(slot: pb.Slot, field: str, expected_rx: int, max_subcarriers: in
     data = mask.astype(bool)
     if not data.any():
         raise invalid(f"{field}.data_mask: no data REs")
-    if not (np.abs(pilots) > 0).any():
+    if not pilots.any():
         raise invalid(f"{field}.pilots: no pilot REs")
     try:
         dmrs_position = check_pilot_layout(pilots)

@@ -194,8 +194,9 @@ def maxlog_llrs(x: torch.Tensor, no_eff: torch.Tensor, bits_per_symbol: torch.Te
     not per bit: at batch 1 the per-op overhead is the cost)."""
     llrs = torch.zeros(x.shape[0], MAX_BITS_PER_SYMBOL, *x.shape[1:])
     parts = torch.view_as_real(x).movedim(-1, 0)  # [2, B, S, F]: real, imaginary
-    for k in torch.unique(bits_per_symbol).tolist():
-        rows = torch.nonzero(bits_per_symbol == k).flatten()
+    orders = bits_per_symbol.tolist()
+    for k in sorted(set(orders)):
+        rows = torch.tensor([i for i, order in enumerate(orders) if order == k])
         axes, zeros, ones = _bit_levels(k)
         along = parts[:, rows][axes].unsqueeze(-1)  # [k, b, S, F, 1]: each bit's axis
         d0 = (along - zeros[:, None, None, None]).square().amin(-1)

@@ -32,10 +32,14 @@ class InferenceConfig:
     backend: str = "auto"  # auto: onnxruntime on CPU when installed, else torch
     threads: int = 0  # ONNX Runtime intra-op threads, or the batcher's torch threads for eager CPU (0: one per core)
     opset: int = 17  # ONNX opset the versions are exported with
-    # ONNX Runtime's idle intra-op threads busy-wait for the next run (its default: the lowest latency
-    # at 1 stream); false lets them sleep: a fifth (16 streams) to a half (1 stream) less server CPU per
-    # slot at the same throughput (benchmarks/serving.py --no-spinning), for hosts whose cores do other work
+    # ONNX Runtime's intra-op threads busy-wait between the operators of a run (its default; without
+    # it each of the model's ~100 small operators waits for a thread to wake). spinning = false lets
+    # them sleep: less CPU per slot, less throughput
     spinning: bool = True
+    # and between runs: false stops the spinning when a run ends, so the cores go to the batcher's
+    # featurizing, the event loop and capture while no forward pass runs (ONNX Runtime's
+    # session.force_spinning_stop; true is ONNX Runtime's default)
+    spin_between_runs: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -66,7 +70,8 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: DeepRx, threads: int = 0, opset: int = 17, spinning: bool = True):
+    def __init__(self, model: DeepRx, threads: int = 0, opset: int = 17, spinning: bool = True,
+                 spin_between_runs: bool = False):
         import onnxruntime
 
         example = (torch.zeros(1, num_feature_channels(model.config.rx), 12, 14), torch.full((1,), 4))
@@ -83,6 +88,7 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = threads
             options.log_severity_level = 3
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            options.add_session_config_entry("session.force_spinning_stop", "0" if spin_between_runs else "1")
             self.session = onnxruntime.InferenceSession(buffer.getvalue(), options,
                                                         providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - any exporter or runtime failure makes the version unservable
@@ -111,5 +117,5 @@ def resolve(config: InferenceConfig, device: torch.device) -> str:
 def build_backend(model: DeepRx, config: InferenceConfig, device: torch.device) -> Backend:
     """A backend for ``model`` (already on ``device``, in eval mode)."""
     if resolve(config, device) == "onnxruntime":
-        return OnnxRuntimeBackend(model, config.threads, config.opset, config.spinning)
+        return OnnxRuntimeBackend(model, config.threads, config.opset, config.spinning, config.spin_between_runs)
     return TorchBackend(model)

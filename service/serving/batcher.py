@@ -5,15 +5,20 @@ Each submitted slot carries the :class:`ModelVersion` that serves its context at
 mixes slots of the same version and grid shape, so a hot swap never changes the model under a slot.
 One worker thread featurizes the batch (one call, not one per slot), runs the version's backend and
 cuts each slot's LLRs out of the batch output; a batch closes when it is full or when its oldest
-slot has waited ``max_queue_delay_s``.
+slot has waited ``max_queue_delay_s`` (0, the default: as soon as the queue is empty, so a batch is
+whatever queued while the previous one ran). A slot submitted with an asyncio future (``StreamDetect`` on
+the server's event loop) is resolved on its loop, one wake-up of the loop per batch rather than one
+per slot.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +34,7 @@ from service.serving.threads import start_pinned_thread
 class _Pending:
     slot: ReceivedSlot
     version: ModelVersion
-    future: Future = field(default_factory=Future)
+    future: Future | asyncio.Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -61,9 +66,14 @@ def run_batch(slots: list[ReceivedSlot], version: ModelVersion) -> list[np.ndarr
 
 
 class DynamicBatcher:
-    def __init__(self, metrics: ServiceMetrics, max_batch_size: int = 64, max_queue_delay_s: float = 0.002,
-                 max_queued: int = 4096, torch_threads: int = 1):
+    def __init__(self, metrics: ServiceMetrics, max_batch_size: int = 64, max_queue_delay_s: float = 0.0,
+                 max_queued: int = 4096, torch_threads: int = 1,
+                 on_batch: Callable[[list[ReceivedSlot], ModelVersion, list[np.ndarray]], None] | None = None):
+        """``on_batch(slots, version, llrs)`` runs on the worker for every batch that ran, before any of
+        its futures resolves: per-batch bookkeeping (what was served, capture, estimates) there costs
+        one call per batch instead of work on the response path per slot."""
         self.metrics = metrics
+        self.on_batch = on_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queued = max_queued
@@ -75,9 +85,11 @@ class DynamicBatcher:
         # eager PyTorch on the CPU (ONNX Runtime has threads of its own)
         self._worker, _ = start_pinned_thread(self._run, "deeprx-batcher", torch_threads)
 
-    def submit(self, slot: ReceivedSlot, version: ModelVersion) -> Future:
-        """Queue one validated slot; the future resolves to its LLRs [data REs, bits per symbol]."""
-        pending = _Pending(slot, version)
+    def submit(self, slot: ReceivedSlot, version: ModelVersion,
+               future: asyncio.Future | None = None) -> Future | asyncio.Future:
+        """Queue one validated slot; the future resolves to its LLRs [data REs, bits per symbol]. Pass
+        ``future``, an asyncio future of the caller's running loop, to have it resolved on that loop."""
+        pending = _Pending(slot, version) if future is None else _Pending(slot, version, future)
         with self._lock:
             if self._closed:
                 raise BatcherClosed("server is shutting down")
@@ -137,12 +149,38 @@ class DynamicBatcher:
         try:
             results = run_batch([p.slot for p in batch], batch[0].version)
         except Exception as err:  # noqa: BLE001 - every waiting request must learn of the failure
-            for item in batch:
-                if item.future.set_running_or_notify_cancel():  # False: its stream was cancelled
-                    item.future.set_exception(err)
+            _resolve(batch, [err] * len(batch))
             return
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
-        for item, result in zip(batch, results):
-            if item.future.set_running_or_notify_cancel():  # False: its stream was cancelled, nobody waits
-                item.future.set_result(result)
+        if self.on_batch is not None:
+            self.on_batch([p.slot for p in batch], batch[0].version, results)
+        _resolve(batch, results)
+
+
+def _resolve(batch: list[_Pending], outcomes: list) -> None:
+    """Give each waiting slot its outcome (LLRs or an exception); asyncio futures in one callback per loop."""
+    on_loops: dict[asyncio.AbstractEventLoop, list] = {}
+    for item, outcome in zip(batch, outcomes):
+        if isinstance(item.future, asyncio.Future):
+            on_loops.setdefault(item.future.get_loop(), []).append((item.future, outcome))
+        elif item.future.set_running_or_notify_cancel():  # False: its request was cancelled, nobody waits
+            _settle(item.future, outcome)
+    for loop, settled in on_loops.items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, settled)
+        except RuntimeError:  # the loop has closed: its streams are gone
+            pass
+
+
+def _settle_all(settled: list) -> None:
+    for future, outcome in settled:
+        if not future.done():  # done: its stream was cancelled
+            _settle(future, outcome)
+
+
+def _settle(future: Future | asyncio.Future, outcome) -> None:
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
