@@ -13,6 +13,7 @@ per slot.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -28,6 +29,8 @@ from service.serving.metrics import ServiceMetrics
 from service.serving.registry import ModelVersion
 from service.serving.slot import ReceivedSlot
 from service.serving.threads import start_pinned_thread
+
+log = logging.getLogger("deeprx.batcher")
 
 
 @dataclass(eq=False)
@@ -154,7 +157,10 @@ class DynamicBatcher:
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
         if self.on_batch is not None:
-            self.on_batch([p.slot for p in batch], batch[0].version, results)
+            try:
+                self.on_batch([p.slot for p in batch], batch[0].version, results)
+            except Exception:  # noqa: BLE001 - bookkeeping must not keep the results from their requests
+                log.exception("recording a served batch failed")
         _resolve(batch, results)
 
 
