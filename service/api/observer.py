@@ -1,11 +1,12 @@
 """Per-slot work that no response waits for: the label-free estimates of a served slot (expected BER
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
-Slots arrive a batch at a time; the thread takes every queued batch at once: it computes the group's estimates in one pass per pilot
-layout and updates each context's window and gauges once per group, not once per slot. The queue is
-bounded; when the thread falls behind, observations are
-dropped and counted (``deeprx_slot_observations_dropped_total``): estimates are window means, a
-missing slot only thins the window, and a response is never delayed for them.
+Slots arrive a batch at a time (the batcher hands over each batch it ran); the thread takes every
+queued batch at once: it computes the group's estimates in one pass per pilot layout and updates
+each context's window and gauges once per group, not once per slot. The queue is bounded; when the
+thread falls behind, observations are dropped and counted (``deeprx_slot_observations_dropped_total``):
+estimates are window means, a missing slot only thins the window, and a response is never delayed
+for them.
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ mixes slots of the same version and grid shape, so a hot swap never changes the 
 One worker thread featurizes the batch (one call, not one per slot), runs the version's backend and
 cuts each slot's LLRs out of the batch output; a batch closes when it is full or when its oldest
 slot has waited ``max_queue_delay_s`` (0, the default: as soon as the queue is empty, so a batch is
-whatever queued while the previous one ran). A slot submitted with an asyncio future (``StreamDetect`` on
-the server's event loop) is resolved on its loop, one wake-up of the loop per batch rather than one
-per slot.
+whatever queued while the previous one ran). A slot submitted with an asyncio future
+(``StreamDetect`` on the server's event loop) is resolved on its loop, one wake-up of the loop per
+batch rather than one per slot.
 """
 from __future__ import annotations
 
