@@ -195,7 +195,7 @@ def _adapt(args: argparse.Namespace) -> int:
             return 0
         running = (pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING)
         # percent done, time so far and the stage: a rate in %/s and an ETA from it jump between stages
-        with tqdm(total=100, desc=job.job_id, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}") as bar:
+        with tqdm(total=100, desc=job.job_id, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}") as bar:
             while job.state in running:
                 time.sleep(0.5)
                 job = stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id), timeout=args.timeout)
