@@ -76,7 +76,7 @@ class DynamicBatcher:
         its futures resolves: per-batch bookkeeping (what was served, capture, estimates) there costs
         one call per batch instead of work on the response path per slot."""
         self.metrics = metrics
-        self.on_batch = on_batch
+        self._on_batch = on_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queued = max_queued
@@ -92,7 +92,7 @@ class DynamicBatcher:
                future: asyncio.Future | None = None) -> Future | asyncio.Future:
         """Queue one validated slot; the future resolves to its LLRs [data REs, bits per symbol]. Pass
         ``future``, an asyncio future of the caller's running loop, to have it resolved on that loop."""
-        pending = _Pending(slot, version) if future is None else _Pending(slot, version, future)
+        pending = _Pending(slot, version, Future() if future is None else future)
         with self._lock:
             if self._closed:
                 raise BatcherClosed("server is shutting down")
@@ -156,9 +156,9 @@ class DynamicBatcher:
             return
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
-        if self.on_batch is not None:
+        if self._on_batch is not None:
             try:
-                self.on_batch([p.slot for p in batch], batch[0].version, results)
+                self._on_batch([p.slot for p in batch], batch[0].version, results)
             except Exception:  # noqa: BLE001 - bookkeeping must not keep the results from their requests
                 log.exception("recording a served batch failed")
         _resolve(batch, results)
