@@ -15,9 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schema.dataset import read_slots  # noqa: E402
-from schema.scenario import MAX_BITS_PER_SYMBOL  # noqa: E402
 from service.receiver.checkpoint import load_checkpoint  # noqa: E402
-from service.receiver.features import prepare  # noqa: E402
+from service.receiver.features import llr_channels, prepare  # noqa: E402
 from service.serving.backend import InferenceConfig, build_backend  # noqa: E402
 
 
@@ -32,7 +31,7 @@ def error_positions(model_dir: Path, data: Path, batch: int = 64) -> dict[str, n
         features, k = tensors.features[start:start + batch], tensors.bits_per_symbol[start:start + batch]
         truth = tensors.labels[start:start + batch].numpy() > 0.5
         valid = tensors.valid[start:start + batch].numpy()
-        llrs = {"deeprx": backend(features, k).numpy(), "ls_lmmse": features[:, -MAX_BITS_PER_SYMBOL:].numpy()}
+        llrs = {"deeprx": backend(features, k).numpy(), "ls_lmmse": features[:, llr_channels(model.config.rx)].numpy()}
         for name, values in llrs.items():
             errors = ((values > 0) != truth) & valid  # [B, bits, F, S]
             for axis_name, axes in (("by_symbol", (0, 1, 2)), ("by_subcarrier", (0, 1, 3))):

@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="feature channels the model reads (default: the size's own; for ablations): grid = "
                             "received grid, pilots and raw LS; classical adds Sionna's interpolated LS estimate, "
                             "the LMMSE symbol estimate and noise levels; residual adds LS-LMMSE's LLRs to the "
-                            "output; weighted adds them times a per-RE weight the network computes")
+                            "output; weighted adds them times a per-RE weight the network computes; robust also "
+                            "reads the robust LMMSE channel estimate (pilots filtered with the training mix's "
+                            "widest channel prior) and weighs its LLRs the same way")
     train.add_argument("--padding", default=defaults.padding, choices=("",) + PADDINGS,
                        help="what the 3x3 convolutions read past the slot's edges (default: the size's own, zeros; "
                             "for ablations): replicate repeats the edge REs; a resumed run may change it, the "
@@ -303,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-slots", dest="validation_slots", type=int, default=defaults.validation_slots,
                        help="slots of --data held out to report validation loss and BER")
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=defaults.checkpoint_every)
+    train.add_argument("--loss-floor-bits", dest="loss_floor_bits", type=float, default=defaults.loss_floor_bits,
+                       help="0 (default): minimise the mean per-slot bit-BCE; > 0: the mean of log(per-slot loss + "
+                            "this), which weighs each slot by 1 / (its loss + this) and so lifts high-SNR slots "
+                            "(their losses are 100-1000x smaller than at 0 dB)")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--precision", default=defaults.precision, choices=("float32", "bfloat16"),
                        help="bfloat16: forward and loss under autocast (for a GPU; the saved weights are float32)")

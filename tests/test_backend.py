@@ -20,7 +20,7 @@ from service.receiver.model import SIZES, DeepRx, config_for
 from service.serving.backend import BackendError, InferenceConfig, OnnxRuntimeBackend, TorchBackend, build_backend
 
 
-@pytest.mark.parametrize("size,inputs", [(size, None) for size in sorted(SIZES)] + [("small", "weighted")])
+@pytest.mark.parametrize("size,inputs", [(size, None) for size in sorted(SIZES)] + [("small", "weighted"), ("small", "robust")])
 def test_onnxruntime_equals_torch_for_every_size(size, inputs, train_mix_file):
     data = prepare(read_slots(train_mix_file, slice(0, 8))[0])
     torch.manual_seed(0)

@@ -68,7 +68,8 @@ def test_cli_compressed_ranking_agrees_with_exact(train_mix_file, high_snr_file,
 
 
 @pytest.mark.parametrize("products,padding,inputs", [(0, "zeros", "grid"), (2, "zeros", "grid"),
-                                                     (2, "replicate", "grid"), (0, "zeros", "weighted")])
+                                                     (2, "replicate", "grid"), (0, "zeros", "weighted"),
+                                                     (0, "zeros", "robust")])
 def test_per_layer_masked_gradients_equal_the_kept_coordinates_of_dense_ones(train_mix_file, products, padding,
                                                                             inputs):
     from schema.dataset import read_slots

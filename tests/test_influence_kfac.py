@@ -12,12 +12,15 @@ from service.receiver.features import prepare
 from service.receiver.model import DeepRx, config_for
 
 
-@pytest.fixture(scope="module", params=["grid", "weighted"])
+@pytest.fixture(scope="module", params=["grid", "weighted", "robust"])
 def tiny(train_mix_file, request):
     torch.manual_seed(0)
     model = DeepRx(config_for("tiny", inputs=request.param)).double().eval()
     if model.prior_weight is not None:  # LS-LMMSE's LLRs reach the loss through the weight
         torch.nn.init.constant_(model.prior_weight.bias, 0.5)
+    if model.robust_conv is not None:  # and the robust estimate's channels and LLRs through theirs
+        torch.nn.init.normal_(model.robust_conv.weight, std=0.1)
+        torch.nn.init.constant_(model.robust_weight.bias, 0.5)
     slots, _ = read_slots(train_mix_file, slice(0, 12))
     data = prepare(slots)
     data.features, data.labels = data.features.double(), data.labels.double()

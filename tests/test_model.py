@@ -165,16 +165,25 @@ def test_an_untrained_residual_model_is_exactly_ls_lmmse(train_mix_file):
 
 def test_weighted_inputs_add_ls_lmmse_llrs_times_the_networks_weight(train_mix_file):
     """Weighted inputs: logits = the network's own + w * LS-LMMSE's LLRs, w a 1x1 convolution of the
-    head's normalised features (its bias alone here: a constant weight)."""
+    head's normalised features (its bias alone here: a constant weight); robust inputs add the robust
+    estimate's LLRs times a second weight."""
     from schema.dataset import read_slots
-    from service.receiver.features import prepare
+    from service.receiver.features import llr_channels, prepare
 
     data = prepare(read_slots(train_mix_file, slice(0, 4))[0])
+    rx = 2  # 0 for the bits a modulation lacks
+    ls_llrs, robust_llrs = data.features[:, llr_channels(rx)], data.features[:, llr_channels(rx, "robust")]
     torch.manual_seed(0)
     model = DeepRx(config_for("tiny", inputs="weighted")).eval()
     own = model(data.features, data.bits_per_symbol)
-    prior = data.features[:, -6:]  # LS-LMMSE's LLRs (0 for bits the modulation lacks)
     for weight in (0.25, 1.0, -0.5):
         with torch.no_grad():
             model.prior_weight.bias.fill_(weight)
-        torch.testing.assert_close(model(data.features, data.bits_per_symbol), own + weight * prior)
+        torch.testing.assert_close(model(data.features, data.bits_per_symbol), own + weight * ls_llrs)
+    torch.manual_seed(0)
+    model = DeepRx(config_for("tiny", inputs="robust")).eval()
+    own = model(data.features, data.bits_per_symbol)
+    with torch.no_grad():
+        model.prior_weight.bias.fill_(0.25)
+        model.robust_weight.bias.fill_(0.5)
+    torch.testing.assert_close(model(data.features, data.bits_per_symbol), own + 0.25 * ls_llrs + 0.5 * robust_llrs)

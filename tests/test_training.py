@@ -131,3 +131,47 @@ def test_a_weighted_fine_tune_starts_from_a_classical_model_and_refuses_another_
     assert service_main(["train", *common, "--inputs", "grid", "--init", str(classical), "--steps", "4",
                          "--out", str(tmp_path / "grid")]) == 2
     assert "another architecture" in capsys.readouterr().err
+
+
+def test_the_log_objective_weighs_each_slot_by_its_inverse_loss():
+    from service.receiver.loss import training_objective
+    per_slot = torch.tensor([0.5, 1e-4], requires_grad=True)  # a slot at 0 dB, one at 25 dB
+    training_objective(per_slot).backward()
+    torch.testing.assert_close(per_slot.grad, torch.tensor([0.5, 0.5]))  # the mean: both count the same
+    per_slot.grad = None
+    training_objective(per_slot, floor_bits=1e-3).backward()
+    torch.testing.assert_close(per_slot.grad, 0.5 / (per_slot.detach() + 1e-3))
+    assert per_slot.grad[1] > 400 * per_slot.grad[0], "the high-SNR slot now steers the step"
+
+
+def test_training_with_the_log_objective_records_it_and_reports_bits(high_snr_file, tmp_path):
+    config = TrainConfig(size="tiny", steps=40, batch_size=16, learning_rate=1e-2, warmup_steps=5,
+                         validation_slots=16, checkpoint_every=40, seed=0, loss_floor_bits=1e-2)
+    metadata = train(high_snr_file, tmp_path / "log", config, progress=False)
+    assert metadata["train"]["loss_floor_bits"] == 1e-2
+    last = metadata["history"][-1]
+    assert 0 < last["train_loss_bits"] < 1.5, "reported in bits (a log objective would be negative here)"
+    assert last["val_loss_bits"] < 1.0
+
+
+def test_a_robust_fine_tune_starts_exactly_at_the_weighted_model_it_extends(high_snr_file, tmp_path):
+    common = ["--data", str(high_snr_file), "--size", "tiny", "--batch-size", "8", "--checkpoint-every", "4",
+              "--validation-slots", "8", "--quiet"]
+    weighted = tmp_path / "weighted"
+    assert service_main(["train", *common, "--inputs", "weighted", "--steps", "4", "--out", str(weighted)]) == 0
+
+    from service.receiver.checkpoint import load_checkpoint
+    from service.receiver.train import initialize_from
+    robust = DeepRx(config_for("tiny", inputs="robust")).eval()
+    assert initialize_from(robust, weighted) == ["robust_conv.weight", "robust_weight.weight", "robust_weight.bias"]
+    data = prepare(read_slots(high_snr_file, slice(0, 4))[0])
+    torch.testing.assert_close(robust(data.features, data.bits_per_symbol),
+                               load_checkpoint(weighted).model(data.features, data.bits_per_symbol), rtol=0, atol=0)
+
+    out = tmp_path / "robust"
+    assert service_main(["train", *common, "--inputs", "robust", "--init", str(weighted), "--steps", "8",
+                         "--learning-rate", "1e-2", "--out", str(out)]) == 0
+    tuned = load_checkpoint(out).model
+    assert tuned.config.inputs == "robust"
+    assert float(tuned.robust_conv.weight.detach().abs().sum()) > 0, "the robust estimate's channels are read"
+    assert float(tuned.robust_weight.weight.detach().abs().sum()) > 0, "and its LLRs weighed"

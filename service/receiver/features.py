@@ -14,12 +14,19 @@ log10 no_eff          1      its effective noise variance
 log10 no              1      the noise variance (scaled like ``Y``)
 LLR_ls                6      max-log LLRs of that estimate (LS-LMMSE's soft bits), clipped to
                              +-``LLR_CLIP``, 0 for bits the modulation does not have
+Re H_rb, Im H_rb      2A     the robust LMMSE channel estimate (``classical.py``): the pilots
+                             filtered in frequency and time with the training mix's widest prior
+Re x_rb, Im x_rb      2      the LMMSE symbol estimate from ``H_rb``
+log10 no_eff_rb       1      its effective noise variance
+LLR_rb                6      its max-log LLRs, clipped like ``LLR_ls``
 ====================  =====  =================================================================
 
 A model reads a prefix of them: ``grid`` inputs (the published DeepRx, ``4A + 2`` channels),
-``classical`` inputs (``6A + 6``), ``residual`` inputs (all ``6A + 12``: the model then corrects
-LS-LMMSE's LLRs rather than starting from nothing) or ``weighted`` inputs (all: the network reads the
-classical ones and adds LS-LMMSE's LLRs to its output times a per-RE weight it computes).
+``classical`` inputs (``6A + 6``), ``residual`` inputs (``6A + 12``: the model then corrects
+LS-LMMSE's LLRs rather than starting from nothing), ``weighted`` inputs (``6A + 12``: the network
+reads the classical ones and adds LS-LMMSE's LLRs to its output times a per-RE weight it computes) or
+``robust`` inputs (all ``8A + 21``: a weighted model that also reads the robust estimate and weighs
+its LLRs the same way).
 
 Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise variance comes with the slot (the
 simulator's, or the sender's estimate); where it is unknown (0), the featurizer estimates it from the
@@ -34,9 +41,16 @@ import torch
 
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
-from service.receiver.classical import ls_channel_estimate, maxlog_llrs, mrc_equalize, pilot_noise_variance, power
+from service.receiver.classical import (
+    ls_channel_estimate,
+    maxlog_llrs,
+    mrc_equalize,
+    pilot_noise_variance,
+    power,
+    robust_lmmse_channel_estimate,
+)
 
-INPUTS = ("grid", "classical", "residual", "weighted")
+INPUTS = ("grid", "classical", "residual", "weighted", "robust")
 LLR_CLIP = 32.0
 _LOG_FLOOR = 1e-6  # log10 features are clamped to [-6, 3]
 
@@ -45,12 +59,20 @@ def num_input_channels(rx: int, inputs: str = "grid") -> int:
     if inputs not in INPUTS:
         raise ValueError(f"unknown model inputs '{inputs}' (one of {', '.join(INPUTS)})")
     everything = num_feature_channels(rx)
-    return {"grid": 4 * rx + 2, "classical": 6 * rx + 6, "residual": everything, "weighted": everything}[inputs]
+    weighted = 6 * rx + 6 + MAX_BITS_PER_SYMBOL
+    return {"grid": 4 * rx + 2, "classical": 6 * rx + 6, "residual": weighted, "weighted": weighted,
+            "robust": everything}[inputs]
 
 
 def num_feature_channels(rx: int) -> int:
     """Channels the featurizer produces (every model reads a prefix of them)."""
-    return 6 * rx + 6 + MAX_BITS_PER_SYMBOL
+    return 8 * rx + 9 + 2 * MAX_BITS_PER_SYMBOL
+
+
+def llr_channels(rx: int, estimate: str = "ls") -> slice:
+    """Where the max-log LLRs of the ``ls`` (LS-LMMSE's soft bits) or ``robust`` estimate sit."""
+    first = {"ls": 6 * rx + 6, "robust": 8 * rx + 15}[estimate]
+    return slice(first, first + MAX_BITS_PER_SYMBOL)
 
 
 def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -65,7 +87,7 @@ def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
 def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
               bits_per_symbol: torch.Tensor) -> torch.Tensor:
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown),
-    ``bits_per_symbol`` [B] -> features [B, 6A+12, F, S] float32. Raises ``PilotLayoutError`` for
+    ``bits_per_symbol`` [B] -> features [B, 8A+21, F, S] float32. Raises ``PilotLayoutError`` for
     pilots off a DMRS layout."""
     rms = power(y).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
     y = y / rms
@@ -76,17 +98,23 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     p = pilots[:, None]
     pilot_power = power(p)
     raw_ls = torch.where(pilot_power > 0, y * p.conj() / pilot_power.clamp_min(1e-12), torch.zeros_like(y))
-    h = torch.zeros_like(y)
-    err_var = torch.zeros(y.shape[0], 1, *y.shape[2:])
-    for rows in _by_layout(pilots).values():
-        h[rows], err_var[rows] = ls_channel_estimate(y[rows], pilots[rows], no[rows])
-    x, no_eff = mrc_equalize(y, h, err_var, no)
-    llrs = maxlog_llrs(x, no_eff, bits_per_symbol).clamp(-LLR_CLIP, LLR_CLIP)
+    layouts = _by_layout(pilots).values()
     log = lambda v: v.clamp(_LOG_FLOOR, 1e3).log10()  # noqa: E731
+
+    def receive(estimate) -> list[torch.Tensor]:
+        """An estimator's channel, LMMSE symbol estimate, effective noise and LLRs as channels."""
+        h = torch.zeros_like(y)
+        err_var = torch.zeros(y.shape[0], 1, *y.shape[2:])
+        for rows in layouts:
+            h[rows], err_var[rows] = estimate(y[rows], pilots[rows], no[rows])
+        x, no_eff = mrc_equalize(y, h, err_var, no)
+        llrs = maxlog_llrs(x, no_eff, bits_per_symbol).clamp(-LLR_CLIP, LLR_CLIP)
+        return [h.real, h.imag, x.real[:, None].clamp(-4, 4), x.imag[:, None].clamp(-4, 4), log(no_eff)[:, None], llrs]
+
+    *ls_inputs, ls_llrs = receive(ls_channel_estimate)
     channels = torch.cat([
-        y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag,
-        h.real, h.imag, x.real[:, None].clamp(-4, 4), x.imag[:, None].clamp(-4, 4),
-        log(no_eff)[:, None], log(no)[:, None, None, None].expand(-1, 1, *y.shape[2:]), llrs,
+        y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag, *ls_inputs,
+        log(no)[:, None, None, None].expand(-1, 1, *y.shape[2:]), ls_llrs, *receive(robust_lmmse_channel_estimate),
     ], dim=1)
     return channels.transpose(2, 3).float().contiguous()
 
@@ -101,7 +129,7 @@ def bit_mask(bits_per_symbol: torch.Tensor) -> torch.Tensor:
 class SlotTensors:
     """Model inputs and labels for a batch of slots, in the model's [B, C, F, S] layout."""
 
-    features: torch.Tensor  # [B, 6A+12, F, S] float32
+    features: torch.Tensor  # [B, 8A+21, F, S] float32
     bits_per_symbol: torch.Tensor  # [B] long
     labels: torch.Tensor  # [B, 6, F, S] float32 coded bits (0 where invalid)
     valid: torch.Tensor  # [B, 6, F, S] bool: data RE and bit used by the modulation
@@ -122,8 +150,9 @@ def prepare(batch: SlotBatch, chunk: int = 2048) -> SlotTensors:
     pilots = torch.from_numpy(np.ascontiguousarray(batch.pilots))
     no = torch.from_numpy(10.0 ** (-batch.snr_db.astype(np.float32) / 10))
     k = torch.from_numpy(batch.bits_per_symbol.astype(np.int64))
-    features = torch.cat([featurize(y[i:i + chunk], pilots[i:i + chunk], no[i:i + chunk], k[i:i + chunk])
-                          for i in range(0, len(batch), chunk)])
+    features = torch.empty(len(batch), num_feature_channels(y.shape[1]), y.shape[3], y.shape[2])
+    for i in range(0, len(batch), chunk):  # filled in place: a concatenation would hold the set twice
+        features[i:i + chunk] = featurize(y[i:i + chunk], pilots[i:i + chunk], no[i:i + chunk], k[i:i + chunk])
     labels = torch.from_numpy(batch.bits).permute(0, 3, 2, 1).float()  # [B, S, F, 6] -> [B, 6, F, S]
     data = torch.from_numpy(batch.data_mask).transpose(1, 2)[:, None]  # [B, 1, F, S]
     return SlotTensors(features, k, labels.contiguous(), (data & bit_mask(k)).contiguous())

@@ -168,21 +168,31 @@ class MatchedFilter(nn.Module):
 
 
 class DeepRx(nn.Module):
-    """features [B, 6A+12, F, S] (it reads the first ``num_inputs``), bits_per_symbol [B]
+    """features [B, 8A+21, F, S] (it reads the first ``num_inputs``), bits_per_symbol [B]
     -> logits [B, 6, F, S] (unused bits are 0). With ``residual`` inputs the logits are LS-LMMSE's
     LLRs plus the network's correction; with ``weighted`` inputs they are the network's own plus
     LS-LMMSE's LLRs times a per-RE weight the network computes (``prior_weight``): where the
     classical chain is near-perfect (two pilot symbols, high SNR) the network can pass its decisions
-    through, and leave them out where its estimate is poor, instead of learning to cancel them."""
+    through, and leave them out where its estimate is poor, instead of learning to cancel them. With
+    ``robust`` inputs it also reads the robust LMMSE estimate and adds its LLRs with a second weight."""
 
     def __init__(self, config: DeepRxConfig):
         super().__init__()
         self.config = config
         widths = config.widths
         self.num_inputs = num_input_channels(config.rx, config.inputs)
+        weighted = config.inputs in ("weighted", "robust")
         # weighted: the LLRs bypass the trunk, which reads the classical inputs (so it can start from such a model)
-        trunk_inputs = self.num_inputs - MAX_BITS_PER_SYMBOL if config.inputs == "weighted" else self.num_inputs
+        self.num_weighted = num_input_channels(config.rx, "weighted")
+        trunk_inputs = self.num_weighted - MAX_BITS_PER_SYMBOL if weighted else self.num_inputs
         self.input_conv = nn.Conv2d(trunk_inputs, widths[0], 3, padding=1, padding_mode=config.padding)
+        # robust: the robust estimate's channels enter through a convolution of their own, zero at the
+        # start, and its LLRs get a weight of their own: initialised from a weighted model, it computes
+        # that model's logits exactly and learns from there how far to trust the better estimate
+        robust = config.inputs == "robust"
+        self.robust_conv = (nn.Conv2d(self.num_inputs - self.num_weighted - MAX_BITS_PER_SYMBOL, widths[0], 3,
+                                      padding=1, padding_mode=config.padding, bias=False) if robust else None)
+        self.robust_weight = nn.Conv2d(widths[-1], 1, 1) if robust else None
         self.blocks = nn.Sequential(*[
             ResBlock(cin, cout, d, config.padding)
             for cin, cout, d in zip((widths[0],) + widths[:-1], widths, config.dilations)
@@ -198,18 +208,23 @@ class DeepRx(nn.Module):
         # a weighted model initialised from a classical one computes its logits exactly, and its gradient
         # never vanishes (a weight clamped to [0, 1] and started at 0 was pushed below it everywhere
         # within a few steps of a fine-tune and never came back).
-        self.prior_weight = nn.Conv2d(widths[-1], 1, 1) if config.inputs == "weighted" else None
-        if self.prior_weight is not None:
-            nn.init.zeros_(self.prior_weight.weight)
-            nn.init.zeros_(self.prior_weight.bias)
+        self.prior_weight = nn.Conv2d(widths[-1], 1, 1) if weighted else None
+        for layer in (self.prior_weight, self.robust_conv, self.robust_weight):
+            for parameter in (layer.parameters() if layer is not None else ()):
+                nn.init.zeros_(parameter)
 
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
         inputs = features[:, :self.num_inputs]
+        if self.robust_conv is not None:  # the robust estimate's channels, then its LLRs, follow the weighted inputs
+            robust, robust_prior = inputs[:, self.num_weighted:-MAX_BITS_PER_SYMBOL], inputs[:, -MAX_BITS_PER_SYMBOL:]
+            inputs = inputs[:, :self.num_weighted]
         if self.residual or self.prior_weight is not None:  # these inputs end with LS-LMMSE's LLRs
             inputs, prior = inputs[:, :-MAX_BITS_PER_SYMBOL], inputs[:, -MAX_BITS_PER_SYMBOL:]
             if self.residual:  # they also enter the trunk, scaled to the other features' range
                 inputs = torch.cat([inputs, prior / LLR_INPUT_SCALE], dim=1)
         x = self.input_conv(inputs)
+        if self.robust_conv is not None:
+            x = x + self.robust_conv(robust)
         rx = self.config.rx  # features start with Re Y (rx channels), then Im Y (rx channels)
         for index, block in enumerate(self.blocks):
             x = block(x)
@@ -222,6 +237,8 @@ class DeepRx(nn.Module):
             logits = logits + prior
         elif self.prior_weight is not None:
             logits = logits + self.prior_weight(normalized) * prior
+            if self.robust_weight is not None:
+                logits = logits + self.robust_weight(normalized) * robust_prior
         return logits * bit_mask(bits_per_symbol)
 
     def num_parameters(self) -> int:

@@ -18,7 +18,7 @@ from service.receiver.checkpoint import (
     save_checkpoint,
 )
 from service.receiver.features import SlotTensors, prepare
-from service.receiver.loss import bce_bits, bit_errors
+from service.receiver.loss import bce_bits, bit_errors, per_slot_bce_bits, training_objective
 from service.receiver.model import DeepRx, config_for
 
 
@@ -41,6 +41,9 @@ class TrainConfig:
     validation_slots: int = 256
     checkpoint_every: int = 250
     seed: int = 0
+    # 0: minimise the mean per-slot loss; > 0: the mean of log(per-slot loss + this), which weighs slots by
+    # 1 / (their loss + this) and so lifts high-SNR slots (loss.training_objective)
+    loss_floor_bits: float = 0.0
     precision: str = "float32"  # or "bfloat16": forward and loss under CUDA autocast (BatchNorm stays float32)
 
 
@@ -126,7 +129,7 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
     tensors = prepare(slots).to(where)
     order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(config.seed))
     n_val = min(config.validation_slots, len(tensors) // 5)
-    val, train_set = tensors[order[:n_val]], tensors[order[n_val:]]
+    val, train_rows = tensors[order[:n_val]], order[n_val:]  # rows, not a copy: the set may be most of memory
     rx = int(slots.y.shape[1])
 
     torch.manual_seed(config.seed)
@@ -170,13 +173,14 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step) * group["lr_scale"]
-        batch = train_set[_batch_indices(len(train_set), config.batch_size, config.seed, step)]
+        batch = tensors[train_rows[_batch_indices(len(train_rows), config.batch_size, config.seed, step)]]
         with torch.autocast(where.type, torch.bfloat16, enabled=config.precision == "bfloat16"):
-            loss = bce_bits(model(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
+            per_slot = per_slot_bce_bits(model(batch.features, batch.bits_per_symbol), batch.labels, batch.valid)
+            loss = training_objective(per_slot, config.loss_floor_bits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        value = loss.item()
+        value = per_slot.mean().item()  # reported in bits whatever the objective
         ema = value if ema is None else 0.98 * ema + 0.02 * value
         bar.set_postfix(loss=f"{ema:.3f}")
         done = step + 1
