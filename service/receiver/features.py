@@ -98,23 +98,30 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     p = pilots[:, None]
     pilot_power = power(p)
     raw_ls = torch.where(pilot_power > 0, y * p.conj() / pilot_power.clamp_min(1e-12), torch.zeros_like(y))
-    layouts = _by_layout(pilots).values()
-    log = lambda v: v.clamp(_LOG_FLOOR, 1e3).log10()  # noqa: E731
+    layouts = list(_by_layout(pilots).values())
 
-    def receive(estimate) -> list[torch.Tensor]:
-        """An estimator's channel, LMMSE symbol estimate, effective noise and LLRs as channels."""
-        h = torch.zeros_like(y)
-        err_var = torch.zeros(y.shape[0], 1, *y.shape[2:])
+    def estimated(estimate) -> tuple[torch.Tensor, torch.Tensor]:
+        """An estimator's channel and error variance over the batch, one call per DMRS layout."""
+        if len(layouts) == 1:
+            return estimate(y, pilots, no)
+        h, err_var = torch.zeros_like(y), torch.zeros(y.shape[0], 1, *y.shape[2:])
         for rows in layouts:
             h[rows], err_var[rows] = estimate(y[rows], pilots[rows], no[rows])
-        x, no_eff = mrc_equalize(y, h, err_var, no)
-        llrs = maxlog_llrs(x, no_eff, bits_per_symbol).clamp(-LLR_CLIP, LLR_CLIP)
-        return [h.real, h.imag, x.real[:, None].clamp(-4, 4), x.imag[:, None].clamp(-4, 4), log(no_eff)[:, None], llrs]
+        return h, err_var
 
-    *ls_inputs, ls_llrs = receive(ls_channel_estimate)
+    # both estimates equalised and demapped in one pass each (at batch 1 the per-op overhead is the cost)
+    (h_ls, err_ls), (h_rb, err_rb) = estimated(ls_channel_estimate), estimated(robust_lmmse_channel_estimate)
+    twice = lambda t: torch.cat([t, t])  # noqa: E731
+    x, no_eff = mrc_equalize(twice(y), torch.cat([h_ls, h_rb]), torch.cat([err_ls, err_rb]), twice(no))
+    llrs = maxlog_llrs(x, no_eff, twice(bits_per_symbol)).clamp(-LLR_CLIP, LLR_CLIP)
+    x = torch.view_as_real(x).movedim(-1, 1).clamp(-4, 4)  # [2B, 2, S, F]: Re, Im
+    no_eff = no_eff.clamp(_LOG_FLOOR, 1e3).log10()[:, None]
+    ls, rb = slice(0, y.shape[0]), slice(y.shape[0], None)
+    log_no = no.clamp(_LOG_FLOOR, 1e3).log10()[:, None, None, None].expand(-1, 1, *y.shape[2:])
     channels = torch.cat([
-        y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag, *ls_inputs,
-        log(no)[:, None, None, None].expand(-1, 1, *y.shape[2:]), ls_llrs, *receive(robust_lmmse_channel_estimate),
+        y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag,
+        h_ls.real, h_ls.imag, x[ls], no_eff[ls], log_no, llrs[ls],
+        h_rb.real, h_rb.imag, x[rb], no_eff[rb], llrs[rb],
     ], dim=1)
     return channels.transpose(2, 3).float().contiguous()
 
