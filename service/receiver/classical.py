@@ -260,7 +260,8 @@ def maxlog_llrs(x: torch.Tensor, no_eff: torch.Tensor, bits_per_symbol: torch.Te
     parts = torch.view_as_real(x).movedim(-1, 0)  # [2, B, S, F]: real, imaginary
     orders = bits_per_symbol.tolist()
     for k in sorted(set(orders)):
-        rows = torch.tensor([i for i, order in enumerate(orders) if order == k])
+        # the usual batch has one QAM order: slices, not gathers
+        rows = slice(None) if len(set(orders)) == 1 else torch.tensor([i for i, o in enumerate(orders) if o == k])
         axes, zeros, ones = _bit_levels(k)
         along = parts[:, rows][axes].unsqueeze(-1)  # [k, b, S, F, 1]: each bit's axis
         d0 = (along - zeros[:, None, None, None]).square().amin(-1)
