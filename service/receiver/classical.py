@@ -198,26 +198,26 @@ def _robust_prior(num_subcarriers: int, additional_position: int) -> _RobustPrio
                         gain.T.to(torch.complex64).contiguous(), gain.abs().square().T.float().contiguous())
 
 
-def robust_lmmse_channel_estimate(y: torch.Tensor, pilots: torch.Tensor,
+def robust_lmmse_channel_estimate(raw_ls: torch.Tensor, pilots: torch.Tensor,
                                   no: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The robust LMMSE channel estimate (Li, Cimini and Sollenberger, 1998): the raw LS estimates at
     the pilots filtered jointly in frequency and time with the covariance of the widest channel the
     training mix holds (``ROBUST_MAX_DELAY_S``, ``ROBUST_MAX_DOPPLER_HZ``), not the true one, which a
     receiver does not know. Where Sionna's LS estimate interpolates each pilot's noise into the grid,
     this one averages it out over the pilots the channel is correlated across: on two-DMRS slots at
-    25..30 dB it makes about a tenth of LS-LMMSE's bit errors, near perfect CSI. ``y`` [B, A, S, F]
-    complex with unit power per RE, ``pilots`` [B, S, F] (one layout), ``no`` [B] -> ``h`` [B, A, S, F]
-    and its error variance [B, 1, S, F]."""
+    25..30 dB it makes about a tenth of LS-LMMSE's bit errors, near perfect CSI. ``raw_ls``
+    [B, A, S, F]: ``Y conj(P) / |P|^2`` at the pilot REs (the featurizer's raw LS channels) of a
+    grid ``Y`` scaled to unit power per RE, ``pilots`` [B, S, F] (one layout), ``no`` [B] ->
+    ``h`` [B, A, S, F] and its error variance [B, 1, S, F]."""
     prior = _robust_prior(pilots.shape[-1], check_pilot_layout(pilots[0]))
-    index = prior.pilot_index
-    p = pilots.flatten(1)[:, index]  # [B, P]
-    raw = y.flatten(2)[:, :, index] * (p.conj() / power(p))[:, None]  # [B, A, P]: LS at each pilot
-    channel_power = (1 - no).clamp_min(0.05)  # y has unit power per RE: channel plus noise
-    noise = no[:, None] / (power(p) * channel_power[:, None])  # [B, P] relative to the prior's unit power
+    raw = raw_ls.flatten(2)[:, :, prior.pilot_index]  # [B, A, P]
+    channel_power = (1 - no).clamp_min(0.05)  # unit power per RE: channel plus noise
+    pilot_power = power(pilots.flatten(1)[:, prior.pilot_index])  # [B, P]
+    noise = no[:, None] / (pilot_power * channel_power[:, None])  # LS noise relative to the prior's unit power
     weights = 1 / (prior.eigenvalues + noise)  # [B, P]
     h = ((raw @ prior.basis_h.T) * weights[:, None]) @ prior.gain  # [B, A, S*F]
     err_var = channel_power[:, None] * (1 - weights @ prior.gain_power).clamp_min(0)  # [B, S*F]
-    return h.reshape(y.shape), err_var.reshape(y.shape[0], 1, *y.shape[2:])
+    return h.reshape(raw_ls.shape), err_var.reshape(raw_ls.shape[0], 1, *raw_ls.shape[2:])
 
 
 def mrc_equalize(y: torch.Tensor, h: torch.Tensor, err_var: torch.Tensor,
@@ -259,9 +259,10 @@ def maxlog_llrs(x: torch.Tensor, no_eff: torch.Tensor, bits_per_symbol: torch.Te
     llrs = torch.zeros(x.shape[0], MAX_BITS_PER_SYMBOL, *x.shape[1:])
     parts = torch.view_as_real(x).movedim(-1, 0)  # [2, B, S, F]: real, imaginary
     orders = bits_per_symbol.tolist()
-    for k in sorted(set(orders)):
+    present = sorted(set(orders))
+    for k in present:
         # the usual batch has one QAM order: slices, not gathers
-        rows = slice(None) if len(set(orders)) == 1 else torch.tensor([i for i, o in enumerate(orders) if o == k])
+        rows = slice(None) if len(present) == 1 else torch.tensor([i for i, o in enumerate(orders) if o == k])
         axes, zeros, ones = _bit_levels(k)
         along = parts[:, rows][axes].unsqueeze(-1)  # [k, b, S, F, 1]: each bit's axis
         d0 = (along - zeros[:, None, None, None]).square().amin(-1)

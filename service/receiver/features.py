@@ -75,6 +75,10 @@ def llr_channels(rx: int, estimate: str = "ls") -> slice:
     return slice(first, first + MAX_BITS_PER_SYMBOL)
 
 
+def _log10(values: torch.Tensor) -> torch.Tensor:
+    return values.clamp(_LOG_FLOOR, 1e3).log10()
+
+
 def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
     """Row indices of each DMRS layout in the batch (Sionna's estimator is built per layout)."""
     symbols = (pilots != 0).any(-1)  # [B, S]
@@ -100,24 +104,25 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     raw_ls = torch.where(pilot_power > 0, y * p.conj() / pilot_power.clamp_min(1e-12), torch.zeros_like(y))
     layouts = list(_by_layout(pilots).values())
 
-    def estimated(estimate) -> tuple[torch.Tensor, torch.Tensor]:
+    def estimated(estimate, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """An estimator's channel and error variance over the batch, one call per DMRS layout."""
         if len(layouts) == 1:
-            return estimate(y, pilots, no)
+            return estimate(received, pilots, no)
         h, err_var = torch.zeros_like(y), torch.zeros(y.shape[0], 1, *y.shape[2:])
         for rows in layouts:
-            h[rows], err_var[rows] = estimate(y[rows], pilots[rows], no[rows])
+            h[rows], err_var[rows] = estimate(received[rows], pilots[rows], no[rows])
         return h, err_var
 
+    h_ls, err_ls = estimated(ls_channel_estimate, y)
+    h_rb, err_rb = estimated(robust_lmmse_channel_estimate, raw_ls)
     # both estimates equalised and demapped in one pass each (at batch 1 the per-op overhead is the cost)
-    (h_ls, err_ls), (h_rb, err_rb) = estimated(ls_channel_estimate), estimated(robust_lmmse_channel_estimate)
     twice = lambda t: torch.cat([t, t])  # noqa: E731
     x, no_eff = mrc_equalize(twice(y), torch.cat([h_ls, h_rb]), torch.cat([err_ls, err_rb]), twice(no))
     llrs = maxlog_llrs(x, no_eff, twice(bits_per_symbol)).clamp(-LLR_CLIP, LLR_CLIP)
     x = torch.view_as_real(x).movedim(-1, 1).clamp(-4, 4)  # [2B, 2, S, F]: Re, Im
-    no_eff = no_eff.clamp(_LOG_FLOOR, 1e3).log10()[:, None]
+    no_eff = _log10(no_eff)[:, None]
     ls, rb = slice(0, y.shape[0]), slice(y.shape[0], None)
-    log_no = no.clamp(_LOG_FLOOR, 1e3).log10()[:, None, None, None].expand(-1, 1, *y.shape[2:])
+    log_no = _log10(no)[:, None, None, None].expand(-1, 1, *y.shape[2:])
     channels = torch.cat([
         y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag,
         h_ls.real, h_ls.imag, x[ls], no_eff[ls], log_no, llrs[ls],
