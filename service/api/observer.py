@@ -1,17 +1,20 @@
 """Per-slot work that no response waits for: the label-free estimates of a served slot (expected BER
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
-Slots arrive a batch at a time (the batcher hands over each batch it ran); the thread takes every
-queued batch at once: it computes the group's estimates in one pass per pilot layout and updates
-each context's window and gauges once per group, not once per slot. The queue is bounded; when the
-thread falls behind, observations are dropped and counted (``deeprx_slot_observations_dropped_total``):
-estimates are window means, a missing slot only thins the window, and a response is never delayed
-for them.
+Slots arrive a batch at a time (the batcher hands over each batch it ran). The thread takes every
+queued batch, after waiting ``gather_s`` for more when it woke for a lone batch under 16 slots: at one
+stream a batch is one slot, and a wake-up per slot cost more CPU than its estimates and took the
+interpreter lock from the batcher mid-batch. It computes a group's estimates in one pass per pilot
+layout and updates each context's window and gauges once per group, not once per slot. The queue is
+bounded; when the thread falls behind, observations are dropped and counted
+(``deeprx_slot_observations_dropped_total``): estimates are window means, a missing slot only thins
+the window, and a response is never delayed for them.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -21,12 +24,15 @@ from service.serving.metrics import ServiceMetrics
 from service.serving.slot import ReceivedSlot
 
 _MAX_GROUP = 64  # batches taken from the queue at once
+_GATHER_SLOTS = 16  # a lone batch smaller than this waits gather_s for company; under load batches are larger
 
 
 class SlotObserver:
-    def __init__(self, monitor: FeedbackMonitor, metrics: ServiceMetrics, queue_size: int = 1024):  # batches
+    def __init__(self, monitor: FeedbackMonitor, metrics: ServiceMetrics, queue_size: int = 1024,  # batches
+                 gather_s: float = 0.05):
         self.monitor = monitor
         self.metrics = metrics
+        self.gather_s = gather_s
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="slot-observer", daemon=True)
         self._thread.start()
@@ -49,6 +55,8 @@ class SlotObserver:
     def _run(self) -> None:
         while True:
             items = [self._queue.get()]
+            if items[0] is not None and len(items[0]) < _GATHER_SLOTS and self._queue.qsize() == 0:
+                time.sleep(self.gather_s)  # a sleep, not a wait on the queue, which would wake per batch
             while items[-1] is not None and len(items) < _MAX_GROUP:
                 try:
                     items.append(self._queue.get_nowait())
