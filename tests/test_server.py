@@ -1,6 +1,7 @@
 """The receiver service end to end on 127.0.0.1: streaming, feedback, metrics, models, health."""
 import json
 import re
+import time
 
 import grpc
 import numpy as np
@@ -146,9 +147,15 @@ def test_graceful_stop_finishes_in_flight_work_and_flushes_the_store(tmp_path, t
 
 
 def test_label_free_estimate_tracks_served_confidence(server, channel, train_mix_file):
+    """Estimates are computed off the response path, so they appear shortly after the slots are answered."""
     slots, _ = read_slots(train_mix_file)
     stream_slots(channel, slots.select(slice(0, 16)), context="unlabelled", prefix="u")
-    rows = {t.context: t for t in pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest()).contexts}
+    deadline = time.monotonic() + 10
+    while True:
+        rows = {t.context: t for t in pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest()).contexts}
+        if "unlabelled" in rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert rows["unlabelled"].slots == 0 and 0 < rows["unlabelled"].estimated_ber <= 0.5
     assert -10 < rows["unlabelled"].pilot_sinr_db < 40  # the training mix spans 0..25 dB SNR
     metrics = scrape(server.metrics_port)
