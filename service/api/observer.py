@@ -2,7 +2,7 @@
 from its LLRs, pilot SINR from its grid) go to the monitor and the metrics on one background thread.
 
 Slots arrive a batch at a time (the batcher hands over each batch it ran). The thread takes every
-queued batch, after waiting ``gather_s`` for more when it woke for a lone batch under 16 slots: at one
+queued batch, after waiting ``gather_s`` for more when it woke for a lone batch under 4 slots: at one
 stream a batch is one slot, and a wake-up per slot cost more CPU than its estimates and took the
 interpreter lock from the batcher mid-batch. It computes a group's estimates in one pass per pilot
 layout and updates each context's window and gauges once per group, not once per slot. The queue is
@@ -24,7 +24,7 @@ from service.serving.metrics import ServiceMetrics
 from service.serving.slot import ReceivedSlot
 
 _MAX_GROUP = 64  # batches taken from the queue at once
-_GATHER_SLOTS = 16  # a lone batch smaller than this waits gather_s for company; under load batches are larger
+_GATHER_SLOTS = 4  # a lone batch smaller than this waits gather_s for company (one or two streams)
 
 
 class SlotObserver:
