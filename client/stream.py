@@ -69,10 +69,13 @@ def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams:
         rows = list(range(stream_index, len(slots), streams))
         sent: dict[str, float] = {}
         in_flight = threading.Semaphore(window)
+        ended = threading.Event()  # the call is over: no result will make room again
 
         def requests():
             for n, row in enumerate(rows):
                 in_flight.acquire()
+                if ended.is_set():  # an error ended the call; waiting on would hold grpc's sender thread forever
+                    return
                 if rate > 0:
                     due = start + (n * streams + stream_index) / rate
                     time.sleep(max(0.0, due - time.perf_counter()))
@@ -80,16 +83,20 @@ def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams:
                 sent[slot_id] = time.perf_counter()
                 yield pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, context))
 
-        for result in stub.StreamDetect(requests()):
-            in_flight.release()
-            latency = time.perf_counter() - sent[result.slot_id]
-            with lock:
-                results[result.slot_id] = result
-                report.latencies.append(latency)
-                report.server_latencies.append(result.server_latency_seconds)
-                report.versions[result.model_version] = report.versions.get(result.model_version, 0) + 1
-            if on_result is not None:
-                on_result(result)
+        try:
+            for result in stub.StreamDetect(requests()):
+                in_flight.release()
+                latency = time.perf_counter() - sent[result.slot_id]
+                with lock:
+                    results[result.slot_id] = result
+                    report.latencies.append(latency)
+                    report.server_latencies.append(result.server_latency_seconds)
+                    report.versions[result.model_version] = report.versions.get(result.model_version, 0) + 1
+                if on_result is not None:
+                    on_result(result)
+        finally:
+            ended.set()
+            in_flight.release()  # wakes the request generator if it waits for room
 
     errors: list[BaseException] = []
 

@@ -1,11 +1,14 @@
 """Malformed requests get a status code naming the field, and the server keeps serving."""
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.stream import slot_message
+from client.stream import slot_message, stream_slots
 from proto import codec
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
@@ -133,6 +136,32 @@ def test_oversize_message_is_resource_exhausted(tmp_path, tiny_checkpoint, good_
                 stub.Detect(pb.DetectRequest(slots=[good_slot] * 64))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert len(stub.Detect(pb.DetectRequest(slots=[good_slot])).results) == 1
+    finally:
+        server.stop(grace=1)
+
+
+def test_a_stream_the_server_ends_leaves_no_client_thread_waiting(tmp_path, tiny_checkpoint, train_mix_file):
+    """When the server ends a stream with an error, the client's request generator (run by a grpc thread)
+    stops instead of waiting for room that no result will make: a long-running client leaks no thread
+    per failed stream."""
+    from service.config import ServerConfig
+    from service.server import ReceiverServer
+
+    config = ServerConfig(port=0, metrics_port=0)
+    config.limits.max_message_bytes = 1024  # every slot is larger: the first one ends the stream
+    server = ReceiverServer(config, tmp_path / "store", tiny_checkpoint).start()
+    slots, _ = read_slots(train_mix_file)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            pb_grpc.ReceiverStub(ch).ListModels(pb.ListModelsRequest())  # the channel's own threads start
+            before = threading.active_count()
+            with pytest.raises(grpc.RpcError) as err:
+                stream_slots(ch, slots.select(slice(0, 16)), "too-big", window=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            deadline = time.monotonic() + 10
+            while threading.active_count() > before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
     finally:
         server.stop(grace=1)
 
