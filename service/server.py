@@ -35,7 +35,7 @@ from service.api.requests import MalformedRequestInterceptor
 from service.config import ServerConfig
 from service.influence.index import GradientIndex
 from service.monitoring.monitor import FeedbackMonitor
-from service.serving.backend import resolve
+from service.serving.backend import OnnxFeaturizer, resolve
 from service.serving.batcher import DynamicBatcher
 from service.serving.metrics import ServiceMetrics
 from service.serving.registry import Activation, ModelRegistry
@@ -63,7 +63,9 @@ class ReceiverServer:
         # torch runs single-threaded in every server thread but the two whose torch work is heavy:
         # the adaptation jobs' (adaptation.threads) and, for eager PyTorch on the CPU, the batcher's
         self._torch_threads_before = serve_single_threaded()
-        eager_cpu = device == "cpu" and resolve(config.inference, torch.device(device)) == "torch"
+        backend = resolve(config.inference, torch.device(device))
+        eager_cpu = device == "cpu" and backend == "torch"
+        onnx_cpu = device == "cpu" and backend == "onnxruntime"  # the featurizer runs in ONNX Runtime too
         replication = config.replication
         self.registry = ModelRegistry(replication.registry or store_dir / "models", device, config.inference,
                                       config.models.max_scoped)
@@ -88,7 +90,8 @@ class ReceiverServer:
                                       config.batching.max_queue_delay_ms / 1000, config.limits.max_queued_slots,
                                       torch_threads=config.inference.threads if eager_cpu else 1,
                                       # the servicer is built next; no batch runs before it exists
-                                      on_batch=lambda *batch: self.servicer.record_served(*batch))
+                                      on_batch=lambda *batch: self.servicer.record_served(*batch),
+                                      featurizer=OnnxFeaturizer(config.inference) if onnx_cpu else None)
         self.worker = (AdaptationWorker(self.registry, self.store, self.metrics, config.adaptation)
                        if self.store is not None else None)
         self.servicer = ReceiverServicer(config, self.registry, self.batcher, self.store, self.monitor, self.metrics,

@@ -15,9 +15,16 @@ from schema.dataset import read_slots
 from service.adaptation.updates import UpdateConfig, fine_tune
 from service.config import ServerConfig
 from service.receiver.checkpoint import load_checkpoint
-from service.receiver.features import prepare
+from service.receiver.features import featurize, prepare
 from service.receiver.model import SIZES, DeepRx, config_for
-from service.serving.backend import BackendError, InferenceConfig, OnnxRuntimeBackend, TorchBackend, build_backend
+from service.serving.backend import (
+    BackendError,
+    InferenceConfig,
+    OnnxFeaturizer,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    build_backend,
+)
 
 
 @pytest.mark.parametrize("size,inputs", [(size, None) for size in sorted(SIZES)] + [("small", "weighted"), ("small", "robust")])
@@ -51,6 +58,23 @@ def test_inference_spinning_from_the_config_file_reaches_the_session(spinning, b
     data = prepare(read_slots(train_mix_file, slice(0, 4))[0])
     torch.testing.assert_close(backend(data.features, data.bits_per_symbol),
                                TorchBackend(model)(data.features, data.bits_per_symbol), atol=1e-4, rtol=1e-4)
+
+
+def test_the_onnx_featurizer_equals_the_torch_one(train_mix_file):
+    """The server's featurizer (the per-layout arithmetic exported to ONNX) gives the training
+    featurizer's features: both DMRS layouts in one batch, slots without a noise level, every QAM
+    order, batches of one and many."""
+    slots, _ = read_slots(train_mix_file, slice(0, 48))
+    y, pilots = torch.from_numpy(slots.y), torch.from_numpy(slots.pilots)
+    no = torch.from_numpy(10 ** (-slots.snr_db.astype(np.float32) / 10))
+    no[::5] = 0  # unknown: estimated from the pilots
+    k = torch.tensor([2, 4, 6])[torch.arange(48) % 3]  # the features need no labels
+    assert len(set(slots.dmrs_additional_position.tolist())) > 1
+    onnx = OnnxFeaturizer(InferenceConfig())
+    for rows in (slice(0, 1), slice(5, 6), slice(0, 48)):
+        expected = featurize(y[rows], pilots[rows], no[rows], k[rows])
+        got = featurize(y[rows], pilots[rows], no[rows], k[rows], run_layout=onnx)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-3)  # LLR channels reach +-32
 
 
 @pytest.mark.parametrize("name", ["small", "full"])

@@ -16,11 +16,17 @@ gives ``LLR_i = (min_{c: b_i = 0} |x - c|^2 - min_{c: b_i = 1} |x - c|^2) / no_e
 QAM constellation. Both closed forms are evaluated here on whole grids (tests check them against
 Sionna's blocks), because the general blocks, with per-RE matrix inverses and per-symbol bookkeeping,
 cost several times the network's forward pass on a CPU.
+
+The arithmetic runs on real and imaginary parts (``Pair``): ONNX has no complex types, and the server
+runs the featurizer in ONNX Runtime as exported from these same functions. ``ls_channel_estimate``
+and ``mrc_equalize`` take complex tensors, for comparisons with Sionna's blocks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,14 +47,43 @@ SUBCARRIER_SPACING_HZ = 30e3
 SYMBOL_DURATION_S = (1 + 144 / 2048) / SUBCARRIER_SPACING_HZ
 
 
+class Pair(NamedTuple):
+    """A complex tensor as its real and imaginary parts. The featurizer computes on pairs so that it
+    exports to ONNX (which has no complex types) and runs there as one call; the complex functions
+    below wrap the same arithmetic."""
+
+    re: torch.Tensor
+    im: torch.Tensor
+
+    @staticmethod
+    def of(z: torch.Tensor) -> "Pair":
+        return Pair(z.real, z.imag)
+
+    def complex(self) -> torch.Tensor:
+        return torch.complex(self.re, self.im)
+
+    def conj(self) -> "Pair":
+        return Pair(self.re, -self.im)
+
+    def times(self, other: "Pair") -> "Pair":
+        return Pair(self.re * other.re - self.im * other.im, self.re * other.im + self.im * other.re)
+
+    def scale(self, real: torch.Tensor) -> "Pair":
+        return Pair(self.re * real, self.im * real)
+
+    def matmul(self, other: "Pair") -> "Pair":
+        return Pair(self.re @ other.re - self.im @ other.im, self.re @ other.im + self.im @ other.re)
+
+    def power(self) -> torch.Tensor:
+        return self.re.square() + self.im.square()
+
+    def map(self, f) -> "Pair":
+        """``f`` applied to both parts (indexing, reshaping, sums: anything linear over the reals)."""
+        return Pair(f(self.re), f(self.im))
+
+
 class PilotLayoutError(ValueError):
     """The slot's pilots are not at the REs of a PUSCH DMRS layout (type 1, one port)."""
-
-
-def power(z: torch.Tensor) -> torch.Tensor:
-    """``|z|^2`` of a complex tensor: ``(z conj z).real`` skips the square root of ``abs()`` and runs
-    several times faster on a CPU."""
-    return (z * z.conj()).real
 
 
 def _pusch_config(num_subcarriers: int, additional_position: int) -> PUSCHConfig:
@@ -152,19 +187,45 @@ def _layout_of(shape: tuple[int, int], packed: bytes) -> int:
 def ls_channel_estimate(y: torch.Tensor, pilots: torch.Tensor, no: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] (one layout), ``no`` [B] ->
     ``h`` [B, A, S, F] complex and its error variance ``err_var`` [B, 1, S, F]."""
-    estimator = _estimator(pilots.shape[-1], check_pilot_layout(pilots[0]))
+    position = check_pilot_layout(pilots[0])
     on = pilots != 0
-    if not torch.equal(on, (estimator.reference != 0).expand_as(on)):
+    if not torch.equal(on, (_estimator(pilots.shape[-1], position).reference != 0).expand_as(on)):
         raise PilotLayoutError("slots of one batch must share one pilot layout")
+    h, err_var = ls_estimate_pairs(Pair.of(y), Pair.of(pilots), no, estimator_pairs(pilots.shape[-1], position))
+    return h.complex(), err_var
+
+
+@dataclass(frozen=True, eq=False)
+class EstimatorPairs:
+    """A layout's LS operator and reference pilots as real and imaginary parts (see ``Pair``)."""
+
+    matrix: Pair  # [P, S*F]
+    pilot_index: torch.Tensor  # [P]
+    error_pattern: torch.Tensor  # [S, F]
+    reference: Pair  # [P]: the estimator's DMRS values at its pilot REs
+
+
+@lru_cache(maxsize=None)
+def estimator_pairs(num_subcarriers: int, additional_position: int) -> EstimatorPairs:
+    estimator = _estimator(num_subcarriers, additional_position)
     index = estimator.pilot_index
-    ratio = estimator.reference.flatten()[index] / pilots.flatten(1)[:, index]  # [B, P]: onto Sionna's pilots
-    received = y.flatten(2)[:, :, index] * ratio[:, None]  # [B, A, P]
-    h = received.reshape(-1, len(index)) @ estimator.matrix  # [B * A, S * F]
-    return h.reshape(y.shape), no[:, None, None, None] * estimator.error_pattern
+    return EstimatorPairs(Pair.of(estimator.matrix), index, estimator.error_pattern,
+                          Pair.of(estimator.reference.flatten()[index]))
+
+
+def ls_estimate_pairs(y: Pair, pilots: Pair, no: torch.Tensor,
+                      estimator: EstimatorPairs) -> tuple[Pair, torch.Tensor]:
+    """``ls_channel_estimate`` on pairs, the layout already checked."""
+    index = estimator.pilot_index
+    at_pilots = pilots.map(lambda t: t.flatten(1)[:, index])  # [B, P]
+    ratio = estimator.reference.times(at_pilots.conj()).scale(1 / at_pilots.power())  # onto Sionna's pilots
+    received = y.map(lambda t: t.flatten(2)[:, :, index]).times(ratio.map(lambda t: t[:, None]))  # [B, A, P]
+    h = received.map(lambda t: t.reshape(-1, len(index))).matmul(estimator.matrix)  # [B * A, S * F]
+    return h.map(lambda t: t.reshape(y.re.shape)), no[:, None, None, None] * estimator.error_pattern
 
 
 @dataclass(frozen=True)
-class _RobustPrior:
+class RobustPrior:
     """A layout's robust LMMSE interpolator in the eigenbasis of its pilots' prior covariance
     ``R_pp = U diag(lam) U^H``: for a white pilot noise ``s`` the estimate at every RE is
     ``G diag(1 / (lam + s)) U^H h_pilots`` with ``G = R_ap U``, and its error variance
@@ -172,13 +233,14 @@ class _RobustPrior:
 
     pilot_index: torch.Tensor  # [P] flat indices of the pilot REs
     eigenvalues: torch.Tensor  # [P]
-    basis_h: torch.Tensor  # [P, P] complex: U^H
-    gain: torch.Tensor  # [P, S*F] complex: G^T
+    basis_h_t: Pair  # [P, P]: (U^H)^T
+    gain: Pair  # [P, S*F]: G^T
     gain_power: torch.Tensor  # [P, S*F]: |G^T|^2
 
 
 @lru_cache(maxsize=None)
-def _robust_prior(num_subcarriers: int, additional_position: int) -> _RobustPrior:
+def robust_prior(num_subcarriers: int, additional_position: int) -> RobustPrior:
+    """The robust estimator of one layout: its prior's eigendecomposition, computed once."""
     pilot_index = _estimator(num_subcarriers, additional_position).pilot_index
     every = torch.arange(NUM_OFDM_SYMBOLS * num_subcarriers)
     symbol, subcarrier = every // num_subcarriers, (every % num_subcarriers).double()
@@ -194,37 +256,46 @@ def _robust_prior(num_subcarriers: int, additional_position: int) -> _RobustPrio
 
     eigenvalues, basis = torch.linalg.eigh(covariance(pilot_index, pilot_index))
     gain = covariance(every, pilot_index) @ basis  # [S*F, P]
-    return _RobustPrior(pilot_index, eigenvalues.clamp_min(0).float(), basis.conj().T.to(torch.complex64),
-                        gain.T.to(torch.complex64).contiguous(), gain.abs().square().T.float().contiguous())
+    return RobustPrior(pilot_index, eigenvalues.clamp_min(0).float(),
+                        Pair.of(basis.conj().resolve_conj().to(torch.complex64)).map(torch.Tensor.contiguous),
+                        Pair.of(gain.T.to(torch.complex64)).map(torch.Tensor.contiguous),
+                        gain.abs().square().T.float().contiguous())
 
 
-def robust_lmmse_channel_estimate(raw_ls: torch.Tensor, pilots: torch.Tensor,
-                                  no: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def robust_lmmse_channel_estimate(raw_ls: Pair, pilots: Pair, no: torch.Tensor,
+                                  prior: RobustPrior) -> tuple[Pair, torch.Tensor]:
     """The robust LMMSE channel estimate (Li, Cimini and Sollenberger, 1998): the raw LS estimates at
     the pilots filtered jointly in frequency and time with the covariance of the widest channel the
     training mix holds (``ROBUST_MAX_DELAY_S``, ``ROBUST_MAX_DOPPLER_HZ``), not the true one, which a
     receiver does not know. Where Sionna's LS estimate interpolates each pilot's noise into the grid,
     this one averages it out over the pilots the channel is correlated across: on two-DMRS slots at
     25..30 dB it makes about a tenth of LS-LMMSE's bit errors, near perfect CSI. ``raw_ls``
-    [B, A, S, F]: ``Y conj(P) / |P|^2`` at the pilot REs (the featurizer's raw LS channels) of a
-    grid ``Y`` scaled to unit power per RE, ``pilots`` [B, S, F] (one layout), ``no`` [B] ->
-    ``h`` [B, A, S, F] and its error variance [B, 1, S, F]."""
-    prior = _robust_prior(pilots.shape[-1], check_pilot_layout(pilots[0]))
-    raw = raw_ls.flatten(2)[:, :, prior.pilot_index]  # [B, A, P]
+    [B, A, S, F]: ``Y conj(P) / |P|^2`` at the pilot REs (the featurizer's raw LS channels) of a grid
+    ``Y`` scaled to unit power per RE, ``pilots`` [B, S, F] (one layout, already checked), ``no`` [B],
+    ``prior`` of that layout -> ``h`` [B, A, S, F] and its error variance [B, 1, S, F]."""
+    index = prior.pilot_index
+    raw = raw_ls.map(lambda t: t.flatten(2)[:, :, index])  # [B, A, P]
     channel_power = (1 - no).clamp_min(0.05)  # unit power per RE: channel plus noise
-    pilot_power = power(pilots.flatten(1)[:, prior.pilot_index])  # [B, P]
+    pilot_power = pilots.map(lambda t: t.flatten(1)[:, index]).power()  # [B, P]
     noise = no[:, None] / (pilot_power * channel_power[:, None])  # LS noise relative to the prior's unit power
     weights = 1 / (prior.eigenvalues + noise)  # [B, P]
-    h = ((raw @ prior.basis_h.T) * weights[:, None]) @ prior.gain  # [B, A, S*F]
+    h = raw.matmul(prior.basis_h_t).scale(weights[:, None]).matmul(prior.gain)  # [B, A, S*F]
     err_var = channel_power[:, None] * (1 - weights @ prior.gain_power).clamp_min(0)  # [B, S*F]
-    return h.reshape(raw_ls.shape), err_var.reshape(raw_ls.shape[0], 1, *raw_ls.shape[2:])
+    return (h.map(lambda t: t.reshape(raw_ls.re.shape)),
+            err_var.reshape(raw_ls.re.shape[0], 1, *raw_ls.re.shape[2:]))
 
 
 def mrc_equalize(y: torch.Tensor, h: torch.Tensor, err_var: torch.Tensor,
                  no: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One-stream LMMSE (unbiased): ``x`` [B, S, F] complex and effective noise ``no_eff`` [B, S, F]."""
-    gain = power(h).sum(1).clamp_min(1e-12)
-    x = (h.conj() * y).sum(1) / gain
+    x, no_eff = mrc_equalize_pairs(Pair.of(y), Pair.of(h), err_var, no)
+    return x.complex(), no_eff
+
+
+def mrc_equalize_pairs(y: Pair, h: Pair, err_var: torch.Tensor, no: torch.Tensor) -> tuple[Pair, torch.Tensor]:
+    """``mrc_equalize`` on pairs."""
+    gain = h.power().sum(1).clamp_min(1e-12)
+    x = h.conj().times(y).map(lambda t: t.sum(1) / gain)
     no_eff = (no[:, None, None] + err_var[:, 0]) / gain
     return x, no_eff
 
@@ -251,36 +322,41 @@ def _bit_levels(bits_per_symbol: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.tensor(axes), torch.tensor(zeros), torch.tensor(ones)
 
 
-def maxlog_llrs(x: torch.Tensor, no_eff: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
+def maxlog_llrs(x: Pair, no_eff: torch.Tensor, bits_per_symbol: torch.Tensor, orders: tuple[int, ...]) -> torch.Tensor:
     """Max-log LLRs (``log P(b=1) / P(b=0)``) of symbol estimates ``x`` [B, S, F] with effective noise
-    ``no_eff`` [B, S, F] for each slot's QAM order ``bits_per_symbol`` [B] -> [B, 6, S, F], 0 for
-    bits the modulation does not have. All bits of one QAM order in one pass (a few ops per batch,
-    not per bit: at batch 1 the per-op overhead is the cost)."""
-    llrs = torch.zeros(x.shape[0], MAX_BITS_PER_SYMBOL, *x.shape[1:])
-    parts = torch.view_as_real(x).movedim(-1, 0)  # [2, B, S, F]: real, imaginary
-    orders = bits_per_symbol.tolist()
-    present = sorted(set(orders))
-    for k in present:
-        # the usual batch has one QAM order: slices, not gathers
-        rows = slice(None) if len(present) == 1 else torch.tensor([i for i, o in enumerate(orders) if o == k])
+    ``no_eff`` [B, S, F] for each slot's QAM order ``bits_per_symbol`` [B], one of ``orders`` (the
+    usual batch has one order and takes no selection) -> [B, 6, S, F], 0 for bits the modulation does
+    not have. All bits of one order in one pass: at batch 1 the per-op overhead is the cost."""
+    parts = torch.stack([x.re, x.im])  # [2, B, S, F]
+    llrs = None
+    for k in orders:
         axes, zeros, ones = _bit_levels(k)
-        along = parts[:, rows][axes].unsqueeze(-1)  # [k, b, S, F, 1]: each bit's axis
-        d0 = (along - zeros[:, None, None, None]).square().amin(-1)
-        d1 = (along - ones[:, None, None, None]).square().amin(-1)
-        llrs[rows, :k] = ((d0 - d1) / no_eff[rows]).transpose(0, 1)
+        along = parts[axes]  # [k, B, S, F]: each bit's axis
+
+        def nearest(levels: torch.Tensor) -> torch.Tensor:  # min over a bit's levels, one level at a time
+            # (a broadcast over a trailing level axis is several times slower in ONNX Runtime)
+            return functools.reduce(torch.minimum, [(along - level[:, None, None, None]).square()
+                                                    for level in levels.unbind(-1)])
+
+        d0, d1 = nearest(zeros), nearest(ones)
+        of_order = torch.nn.functional.pad(((d0 - d1) / no_eff).transpose(0, 1),  # [B, 6, S, F]
+                                           (0, 0, 0, 0, 0, MAX_BITS_PER_SYMBOL - k))
+        llrs = of_order if llrs is None else torch.where((bits_per_symbol == k)[:, None, None, None], of_order, llrs)
     return llrs
 
 
-def pilot_noise_variance(y: torch.Tensor, pilots: torch.Tensor) -> torch.Tensor:
+def pilot_noise_variance(y: Pair, pilots: Pair) -> torch.Tensor:
     """Noise variance per slot [B] from the DMRS alone, for slots sent without one. On three
     neighbouring pilot subcarriers of a comb-2 DMRS, the second difference of the raw LS estimates
     ``H_k-2 - 2 H_k + H_k+2`` cancels a channel that varies linearly in frequency and leaves noise of
     variance ``6 no / |P|^2``."""
-    p = pilots[:, None]
-    on = p != 0
-    ls = torch.where(on, y * p.conj() / torch.where(on, power(p), torch.ones_like(p.real)), 0)
-    triples = (on[..., 4:] & on[..., 2:-2] & on[..., :-4]).expand(-1, y.shape[1], -1, -1)
-    second = power(ls[..., 4:] - 2 * ls[..., 2:-2] + ls[..., :-4]) * triples
+    p = pilots.map(lambda t: t[:, None])
+    p_power = p.power()
+    on = p_power > 0
+    ls = y.times(p.conj()).map(lambda t: torch.where(on, t / torch.where(on, p_power, torch.ones_like(p_power)), 0))
+    triples = (on[..., 4:] & on[..., 2:-2] & on[..., :-4]).expand(-1, y.re.shape[1], -1, -1)
+    second = ls.map(lambda t: t[..., 4:] - 2 * t[..., 2:-2] + t[..., :-4]).power() * triples
     per_slot = second.sum((1, 2, 3)) / triples.sum((1, 2, 3)).clamp_min(1)
-    pilot_power = (power(pilots) * (pilots != 0)).sum((1, 2)) / (pilots != 0).sum((1, 2)).clamp_min(1)
+    on_pilots = pilots.power() > 0
+    pilot_power = (pilots.power() * on_pilots).sum((1, 2)) / on_pilots.sum((1, 2)).clamp_min(1)
     return (per_slot * pilot_power / 6).clamp_min(1e-6)

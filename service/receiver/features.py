@@ -28,7 +28,9 @@ reads the classical ones and adds LS-LMMSE's LLRs to its output times a per-RE w
 ``robust`` inputs (all ``8A + 21``: a weighted model that also reads the robust estimate and weighs
 its LLRs the same way).
 
-Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise variance comes with the slot (the
+Slots are featurized per DMRS layout (``featurize_layout``, real arithmetic only): the server runs
+that function exported to ONNX (``serving.backend.OnnxFeaturizer``), training and evaluation run it
+in torch. Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise variance comes with the slot (the
 simulator's, or the sender's estimate); where it is unknown (0), the featurizer estimates it from the
 pilots (``classical.pilot_noise_variance``).
 """
@@ -42,12 +44,16 @@ import torch
 from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
 from service.receiver.classical import (
-    ls_channel_estimate,
+    Pair,
+    PilotLayoutError,
+    check_pilot_layout,
+    estimator_pairs,
+    ls_estimate_pairs,
     maxlog_llrs,
-    mrc_equalize,
+    mrc_equalize_pairs,
     pilot_noise_variance,
-    power,
     robust_lmmse_channel_estimate,
+    robust_prior,
 )
 
 INPUTS = ("grid", "classical", "residual", "weighted", "robust")
@@ -80,7 +86,7 @@ def _log10(values: torch.Tensor) -> torch.Tensor:
 
 
 def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Row indices of each DMRS layout in the batch (Sionna's estimator is built per layout)."""
+    """Row indices of each DMRS layout in the batch (the estimators are built per layout)."""
     symbols = (pilots != 0).any(-1)  # [B, S]
     if bool((symbols == symbols[:1]).all()):  # the usual batch: one layout, no sort (unique costs a tenth of featurize)
         return {0: torch.arange(len(symbols))}
@@ -89,44 +95,80 @@ def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
-              bits_per_symbol: torch.Tensor) -> torch.Tensor:
+              bits_per_symbol: torch.Tensor, run_layout=None) -> torch.Tensor:
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown),
     ``bits_per_symbol`` [B] -> features [B, 8A+21, F, S] float32. Raises ``PilotLayoutError`` for
-    pilots off a DMRS layout."""
-    rms = power(y).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-    y = y / rms
-    no = torch.as_tensor(noise_variance, dtype=torch.float32) / rms.flatten().square()
+    pilots off a DMRS layout. ``run_layout`` (``featurize_layout``'s signature) featurizes each
+    layout's slots: ``featurize_layout`` itself by default, its ONNX export in the server."""
+    run_layout = run_layout or featurize_layout
+    y, pilots = torch.view_as_real(y), torch.view_as_real(pilots)
+    noise_variance = torch.as_tensor(noise_variance, dtype=torch.float32)
+    orders = tuple(sorted(set(bits_per_symbol.tolist())))
+    groups = list(_by_layout(pilots.square().sum(-1)).values())
+    if len(groups) == 1:  # the usual batch: no gathering
+        return run_layout(y, pilots, noise_variance, bits_per_symbol, LayoutFeaturizer.of(pilots), orders)
+    out = torch.empty(len(y), num_feature_channels(y.shape[1]), y.shape[3], y.shape[2])
+    for rows in groups:
+        out[rows] = run_layout(y[rows], pilots[rows], noise_variance[rows], bits_per_symbol[rows],
+                               LayoutFeaturizer.of(pilots[rows]), orders)
+    return out
+
+
+@dataclass(frozen=True)
+class LayoutFeaturizer:
+    """The DMRS layout and grid width a group of slots shares: what picks the LS and robust estimators."""
+
+    num_subcarriers: int
+    additional_position: int
+
+    @staticmethod
+    def of(pilots: torch.Tensor) -> "LayoutFeaturizer":
+        """The layout of ``pilots`` [B, S, F, 2] (real and imaginary parts), which every slot must
+        share; ``PilotLayoutError`` otherwise."""
+        on = pilots.square().sum(-1) > 0
+        position = check_pilot_layout(on[0])
+        if not bool((on == on[:1]).all()):
+            raise PilotLayoutError("slots of one batch must share one pilot layout")
+        return LayoutFeaturizer(on.shape[-1], position)
+
+
+def featurize_layout(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
+                     bits_per_symbol: torch.Tensor, layout: LayoutFeaturizer,
+                     orders: tuple[int, ...], estimate_unknown_noise: bool | None = None) -> torch.Tensor:
+    """The features of slots that share ``layout``: ``y`` [B, A, S, F, 2] and ``pilots`` [B, S, F, 2]
+    as real and imaginary parts, ``noise_variance`` [B] (0: unknown), ``bits_per_symbol`` [B] of
+    ``orders`` -> [B, 8A+21, F, S]. Real arithmetic only, so it exports to ONNX as it runs here;
+    ``estimate_unknown_noise`` None: only if some slot needs it (an exported graph always does)."""
+    y, pilots = Pair(y[..., 0], y[..., 1]), Pair(pilots[..., 0], pilots[..., 1])
+    rms = y.power().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+    y = y.scale(1 / rms)
+    no = noise_variance / rms.flatten().square()
     unknown = ~(no > 0)  # 0 or NaN (a stored slot sent without one)
-    if unknown.any():
+    if estimate_unknown_noise is None:
+        estimate_unknown_noise = bool(unknown.any())
+    if estimate_unknown_noise:
         no = torch.where(unknown, pilot_noise_variance(y, pilots), no)
-    p = pilots[:, None]
-    pilot_power = power(p)
-    raw_ls = torch.where(pilot_power > 0, y * p.conj() / pilot_power.clamp_min(1e-12), torch.zeros_like(y))
-    layouts = list(_by_layout(pilots).values())
-
-    def estimated(estimate, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An estimator's channel and error variance over the batch, one call per DMRS layout."""
-        if len(layouts) == 1:
-            return estimate(received, pilots, no)
-        h, err_var = torch.zeros_like(y), torch.zeros(y.shape[0], 1, *y.shape[2:])
-        for rows in layouts:
-            h[rows], err_var[rows] = estimate(received[rows], pilots[rows], no[rows])
-        return h, err_var
-
-    h_ls, err_ls = estimated(ls_channel_estimate, y)
-    h_rb, err_rb = estimated(robust_lmmse_channel_estimate, raw_ls)
+    p = pilots.map(lambda t: t[:, None])
+    pilot_power = p.power()
+    on = pilot_power > 0
+    raw_ls = y.times(p.conj()).map(lambda t: torch.where(on, t / pilot_power.clamp_min(1e-12), 0))
+    h_ls, err_ls = ls_estimate_pairs(y, pilots, no, estimator_pairs(layout.num_subcarriers, layout.additional_position))
+    h_rb, err_rb = robust_lmmse_channel_estimate(raw_ls, pilots, no, robust_prior(layout.num_subcarriers, layout.additional_position))
     # both estimates equalised and demapped in one pass each (at batch 1 the per-op overhead is the cost)
     twice = lambda t: torch.cat([t, t])  # noqa: E731
-    x, no_eff = mrc_equalize(twice(y), torch.cat([h_ls, h_rb]), torch.cat([err_ls, err_rb]), twice(no))
-    llrs = maxlog_llrs(x, no_eff, twice(bits_per_symbol)).clamp(-LLR_CLIP, LLR_CLIP)
-    x = torch.view_as_real(x).movedim(-1, 1).clamp(-4, 4)  # [2B, 2, S, F]: Re, Im
-    no_eff = _log10(no_eff)[:, None]
-    ls, rb = slice(0, y.shape[0]), slice(y.shape[0], None)
-    log_no = _log10(no)[:, None, None, None].expand(-1, 1, *y.shape[2:])
+    x, no_eff = mrc_equalize_pairs(y.map(twice), Pair(torch.cat([h_ls.re, h_rb.re]), torch.cat([h_ls.im, h_rb.im])),
+                                   torch.cat([err_ls, err_rb]), twice(no))
+    llrs = maxlog_llrs(x, no_eff, twice(bits_per_symbol), orders).clamp(-LLR_CLIP, LLR_CLIP)
+    # [2, B, ...]: the LS estimate's half, then the robust one's (a reshape, not a slice by the batch
+    # size, so that the exported graph keeps the batch dynamic)
+    x = torch.stack([x.re, x.im], 1).clamp(-4, 4).unflatten(0, (2, -1))  # [2, B, 2, S, F]: Re, Im
+    no_eff = _log10(no_eff)[:, None].unflatten(0, (2, -1))
+    llrs = llrs.unflatten(0, (2, -1))
+    log_no = _log10(no)[:, None, None, None].expand(-1, 1, *y.re.shape[2:])
     channels = torch.cat([
-        y.real, y.imag, p.real, p.imag, raw_ls.real, raw_ls.imag,
-        h_ls.real, h_ls.imag, x[ls], no_eff[ls], log_no, llrs[ls],
-        h_rb.real, h_rb.imag, x[rb], no_eff[rb], llrs[rb],
+        y.re, y.im, p.re, p.im, raw_ls.re, raw_ls.im,
+        h_ls.re, h_ls.im, x[0], no_eff[0], log_no, llrs[0],
+        h_rb.re, h_rb.im, x[1], no_eff[1], llrs[1],
     ], dim=1)
     return channels.transpose(2, 3).float().contiguous()
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.receiver.features import num_feature_channels
+from schema.scenario import NUM_OFDM_SYMBOLS
+from service.receiver.features import LayoutFeaturizer, featurize_layout, num_feature_channels
 from service.receiver.model import DeepRx
 
 BACKENDS = ("auto", "onnxruntime", "torch")
@@ -101,6 +102,69 @@ class OnnxRuntimeBackend:
 
 
 Backend = TorchBackend | OnnxRuntimeBackend
+
+
+def _session(module: torch.nn.Module, example: tuple, names: list[str], dynamic_axes: dict, threads: int, opset: int,
+             spinning: bool, spin_between_runs: bool):
+    """``module`` exported with ``example`` inputs, in an ONNX Runtime session on the CPU."""
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    with _EXPORT_LOCK, warnings.catch_warnings():  # the TorchScript exporter is deprecated; it is fast
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, buffer, dynamo=False, opset_version=opset, input_names=names[:-1],
+                          output_names=names[-1:], dynamic_axes=dynamic_axes)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "0" if spin_between_runs else "1")
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+class _LayoutGraph(torch.nn.Module):
+    """``featurize_layout`` for one layout and set of QAM orders, as a module to export."""
+
+    def __init__(self, layout: LayoutFeaturizer, orders: tuple[int, ...]):
+        super().__init__()
+        self.layout, self.orders = layout, orders
+
+    def forward(self, y, pilots, noise_variance, bits_per_symbol):
+        return featurize_layout(y, pilots, noise_variance, bits_per_symbol, self.layout, self.orders,
+                                estimate_unknown_noise=True)
+
+
+class OnnxFeaturizer:
+    """The featurizer's per-layout arithmetic (``features.featurize_layout``) exported to ONNX, one
+    session per (antennas, DMRS layout and grid width, QAM orders of the batch), built the first time
+    such a batch arrives (about a second): a batch is
+    featurized in one runtime call that holds no interpreter lock, where the same arithmetic in torch is
+    some 300 small calls that each give the lock up and wait to take it back. One intra-op thread: its
+    operators are too small to share (two threads were slower at every batch size)."""
+
+    def __init__(self, config: InferenceConfig):
+        self.config = config
+        self._sessions: dict[tuple[int, LayoutFeaturizer, tuple[int, ...]], object] = {}
+
+    def __call__(self, y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
+                 bits_per_symbol: torch.Tensor, layout: LayoutFeaturizer, orders: tuple[int, ...]) -> torch.Tensor:
+        """``featurize_layout``'s signature."""
+        key = (y.shape[1], layout, orders)
+        if key not in self._sessions:
+            self._sessions[key] = self._build(*key)
+        session = self._sessions[key]
+        inputs = {"y": y.numpy(), "pilots": pilots.numpy(), "noise_variance": noise_variance.numpy(),
+                  "bits_per_symbol": bits_per_symbol.numpy().astype(np.int64)}
+        # a graph for one QAM order has no use for bits_per_symbol, and the exporter drops unused inputs
+        return torch.from_numpy(session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})[0])
+
+    def _build(self, antennas: int, layout: LayoutFeaturizer, orders: tuple[int, ...]):
+        example = (torch.randn(1, antennas, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2),
+                   torch.zeros(1, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2), torch.ones(1),
+                   torch.full((1,), orders[0]))
+        return _session(_LayoutGraph(layout, orders), example, ["y", "pilots", "noise_variance", "bits_per_symbol", "features"],
+                        {name: {0: "batch"} for name in ("y", "pilots", "noise_variance", "bits_per_symbol", "features")},
+                        1, self.config.opset, self.config.spinning, self.config.spin_between_runs)
 
 
 def resolve(config: InferenceConfig, device: torch.device) -> str:

@@ -59,24 +59,29 @@ def llrs_of_batch(slots: list[ReceivedSlot], logits: torch.Tensor) -> list[np.nd
     return [per_re[i][slot.data_mask, :slot.bits_per_symbol] for i, slot in enumerate(slots)]
 
 
-def run_batch(slots: list[ReceivedSlot], version: ModelVersion) -> list[np.ndarray]:
-    """Featurize ``slots`` (one grid shape) together and run ``version`` on them: the LLRs per slot."""
+def run_batch(slots: list[ReceivedSlot], version: ModelVersion, run_layout=None) -> list[np.ndarray]:
+    """Featurize ``slots`` (one grid shape) together and run ``version`` on them: the LLRs per slot.
+    ``run_layout``: how each layout's slots are featurized (``features.featurize``; the server passes
+    the ONNX Runtime featurizer when it serves with ONNX Runtime)."""
     k = torch.tensor([s.bits_per_symbol for s in slots])
     with torch.inference_mode():  # no autograd bookkeeping per op: featurizing one slot 0.68 -> 0.57 ms
         features = featurize(torch.from_numpy(np.stack([s.grid for s in slots])),
                              torch.from_numpy(np.stack([s.pilots for s in slots])),
-                             torch.tensor([s.noise_variance for s in slots], dtype=torch.float32), k)
+                             torch.tensor([s.noise_variance for s in slots], dtype=torch.float32), k, run_layout)
     return llrs_of_batch(slots, version.backend(features, k))
 
 
 class DynamicBatcher:
     def __init__(self, metrics: ServiceMetrics, max_batch_size: int = 64, max_queue_delay_s: float = 0.0,
                  max_queued: int = 4096, torch_threads: int = 1,
-                 on_batch: Callable[[list[ReceivedSlot], ModelVersion, list[np.ndarray]], None] | None = None):
+                 on_batch: Callable[[list[ReceivedSlot], ModelVersion, list[np.ndarray]], None] | None = None,
+                 featurizer: Callable | None = None):
         """``on_batch(slots, version, llrs)`` runs on the worker for every batch that ran, before any of
         its futures resolves: per-batch bookkeeping (what was served, capture, estimates) there costs
-        one call per batch instead of work on the response path per slot."""
+        one call per batch instead of work on the response path per slot. ``featurizer``: ``run_batch``'s
+        ``run_layout``."""
         self.metrics = metrics
+        self._featurizer = featurizer
         self._on_batch = on_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -151,7 +156,7 @@ class DynamicBatcher:
         for item in batch:
             self.metrics.queue_delay_seconds.observe(start - item.enqueued)
         try:
-            results = run_batch([p.slot for p in batch], batch[0].version)
+            results = run_batch([p.slot for p in batch], batch[0].version, self._featurizer)
         except Exception as err:  # noqa: BLE001 - every waiting request must learn of the failure
             _resolve(batch, [err] * len(batch))
             return
