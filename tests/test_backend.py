@@ -77,6 +77,24 @@ def test_the_onnx_featurizer_equals_the_torch_one(train_mix_file):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-3)  # LLR channels reach +-32
 
 
+def test_a_featurizer_that_fails_to_export_falls_back_to_torch(train_mix_file, monkeypatch, caplog):
+    """An export failure (an exporter bug, a new operator) costs speed, not slots: those slots are
+    featurized in torch, and the failure is logged once, not retried per batch."""
+    import service.serving.backend as backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter failure injected by the test")
+
+    monkeypatch.setattr(backend, "_session", broken)
+    slots, _ = read_slots(train_mix_file, slice(0, 4))
+    y, pilots = torch.from_numpy(slots.y[:1]), torch.from_numpy(slots.pilots[:1])
+    no, k = torch.tensor([0.1]), torch.tensor([4])
+    onnx = OnnxFeaturizer(InferenceConfig())
+    for _ in range(2):
+        torch.testing.assert_close(featurize(y, pilots, no, k, run_layout=onnx), featurize(y, pilots, no, k))
+    assert sum("exporting the featurizer" in r.message for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("name", ["small", "full"])
 def test_shipped_models_load_and_onnxruntime_serves_their_llrs(name, train_mix_file):
     checkpoint = load_checkpoint(Path(__file__).parents[1] / "models" / name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch
 from schema.scenario import NUM_OFDM_SYMBOLS
 from service.receiver.features import LayoutFeaturizer, featurize_layout, num_feature_channels
 from service.receiver.model import DeepRx
+
+log = logging.getLogger("deeprx.backend")
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 # torch.onnx.export keeps process-wide state and fails when two threads export at once (an activation
@@ -151,8 +154,14 @@ class OnnxFeaturizer:
         """``featurize_layout``'s signature."""
         key = (y.shape[1], layout, orders)
         if key not in self._sessions:
-            self._sessions[key] = self._build(*key)
+            try:
+                self._sessions[key] = self._build(*key)
+            except Exception:  # noqa: BLE001 - the same arithmetic in torch still serves these slots
+                log.exception("exporting the featurizer for %s failed; featurizing those slots in torch", key)
+                self._sessions[key] = None
         session = self._sessions[key]
+        if session is None:
+            return featurize_layout(y, pilots, noise_variance, bits_per_symbol, layout, orders)
         inputs = {"y": y.numpy(), "pilots": pilots.numpy(), "noise_variance": noise_variance.numpy(),
                   "bits_per_symbol": bits_per_symbol.numpy().astype(np.int64)}
         # a graph for one QAM order has no use for bits_per_symbol, and the exporter drops unused inputs
