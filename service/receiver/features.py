@@ -37,6 +37,7 @@ pilots (``classical.pilot_noise_variance``).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
-              bits_per_symbol: torch.Tensor, run_layout=None) -> torch.Tensor:
+              bits_per_symbol: torch.Tensor, run_layout: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] complex, ``noise_variance`` [B] (0: unknown),
     ``bits_per_symbol`` [B] -> features [B, 8A+21, F, S] float32. Raises ``PilotLayoutError`` for
     pilots off a DMRS layout. ``run_layout`` (``featurize_layout``'s signature) featurizes each
@@ -106,34 +107,34 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     orders = tuple(sorted(set(bits_per_symbol.tolist())))
     groups = list(_by_layout(pilots.square().sum(-1)).values())
     if len(groups) == 1:  # the usual batch: no gathering
-        return run_layout(y, pilots, noise_variance, bits_per_symbol, LayoutFeaturizer.of(pilots), orders)
+        return run_layout(y, pilots, noise_variance, bits_per_symbol, PilotLayout.of(pilots), orders)
     out = torch.empty(len(y), num_feature_channels(y.shape[1]), y.shape[3], y.shape[2])
     for rows in groups:
         out[rows] = run_layout(y[rows], pilots[rows], noise_variance[rows], bits_per_symbol[rows],
-                               LayoutFeaturizer.of(pilots[rows]), orders)
+                               PilotLayout.of(pilots[rows]), orders)
     return out
 
 
 @dataclass(frozen=True)
-class LayoutFeaturizer:
+class PilotLayout:
     """The DMRS layout and grid width a group of slots shares: what picks the LS and robust estimators."""
 
     num_subcarriers: int
     additional_position: int
 
     @staticmethod
-    def of(pilots: torch.Tensor) -> "LayoutFeaturizer":
+    def of(pilots: torch.Tensor) -> "PilotLayout":
         """The layout of ``pilots`` [B, S, F, 2] (real and imaginary parts), which every slot must
         share; ``PilotLayoutError`` otherwise."""
         on = pilots.square().sum(-1) > 0
         position = check_pilot_layout(on[0])
         if not bool((on == on[:1]).all()):
             raise PilotLayoutError("slots of one batch must share one pilot layout")
-        return LayoutFeaturizer(on.shape[-1], position)
+        return PilotLayout(on.shape[-1], position)
 
 
 def featurize_layout(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
-                     bits_per_symbol: torch.Tensor, layout: LayoutFeaturizer,
+                     bits_per_symbol: torch.Tensor, layout: PilotLayout,
                      orders: tuple[int, ...], estimate_unknown_noise: bool | None = None) -> torch.Tensor:
     """The features of slots that share ``layout``: ``y`` [B, A, S, F, 2] and ``pilots`` [B, S, F, 2]
     as real and imaginary parts, ``noise_variance`` [B] (0: unknown), ``bits_per_symbol`` [B] of
@@ -152,12 +153,13 @@ def featurize_layout(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torc
     pilot_power = p.power()
     on = pilot_power > 0
     raw_ls = y.times(p.conj()).map(lambda t: torch.where(on, t / pilot_power.clamp_min(1e-12), 0))
-    h_ls, err_ls = ls_estimate_pairs(y, pilots, no, estimator_pairs(layout.num_subcarriers, layout.additional_position))
-    h_rb, err_rb = robust_lmmse_channel_estimate(raw_ls, pilots, no, robust_prior(layout.num_subcarriers, layout.additional_position))
+    where = (layout.num_subcarriers, layout.additional_position)
+    h_ls, err_ls = ls_estimate_pairs(y, pilots, no, estimator_pairs(*where))
+    h_rb, err_rb = robust_lmmse_channel_estimate(raw_ls, pilots, no, robust_prior(*where))
     # both estimates equalised and demapped in one pass each (at batch 1 the per-op overhead is the cost)
     twice = lambda t: torch.cat([t, t])  # noqa: E731
-    x, no_eff = mrc_equalize_pairs(y.map(twice), Pair(torch.cat([h_ls.re, h_rb.re]), torch.cat([h_ls.im, h_rb.im])),
-                                   torch.cat([err_ls, err_rb]), twice(no))
+    h = Pair(torch.cat([h_ls.re, h_rb.re]), torch.cat([h_ls.im, h_rb.im]))
+    x, no_eff = mrc_equalize_pairs(y.map(twice), h, torch.cat([err_ls, err_rb]), twice(no))
     llrs = maxlog_llrs(x, no_eff, twice(bits_per_symbol), orders).clamp(-LLR_CLIP, LLR_CLIP)
     # [2, B, ...]: the LS estimate's half, then the robust one's (a reshape, not a slice by the batch
     # size, so that the exported graph keeps the batch dynamic)

@@ -4,7 +4,8 @@
 registry loads it, and runs it in an ONNX Runtime session: on this project's 2-core CPU it is several
 times faster than eager PyTorch at every batch size (``benchmarks/serving.py``). ``torch`` runs the
 module itself (eager, ``inference_mode``), the choice on CUDA. A version whose export or session fails
-raises :class:`BackendError` at load, so it is never activated.
+raises :class:`BackendError` at load, so it is never activated. With ``onnxruntime`` the server
+featurizes in ONNX Runtime too (:class:`OnnxFeaturizer`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from schema.scenario import NUM_OFDM_SYMBOLS
-from service.receiver.features import LayoutFeaturizer, featurize_layout, num_feature_channels
+from service.receiver.features import PilotLayout, featurize_layout, num_feature_channels
 from service.receiver.model import DeepRx
 
 log = logging.getLogger("deeprx.backend")
@@ -69,44 +70,6 @@ class TorchBackend:
             return self.model(features.to(self.device), bits_per_symbol.to(self.device)).float().cpu()
 
 
-class OnnxRuntimeBackend:
-    """The version exported to ONNX (batch and subcarrier axes dynamic) in one ONNX Runtime session."""
-
-    name = "onnxruntime"
-
-    def __init__(self, model: DeepRx, threads: int = 0, opset: int = 17, spinning: bool = True,
-                 spin_between_runs: bool = False):
-        import onnxruntime
-
-        example = (torch.zeros(1, num_feature_channels(model.config.rx), 12, 14), torch.full((1,), 4))
-        buffer = io.BytesIO()
-        try:
-            with _EXPORT_LOCK, warnings.catch_warnings():  # the TorchScript exporter is deprecated; it is fast
-                warnings.simplefilter("ignore")
-                torch.onnx.export(copy.deepcopy(model).cpu().eval(), example, buffer, dynamo=False, opset_version=opset,
-                                  input_names=["features", "bits_per_symbol"], output_names=["logits"],
-                                  dynamic_axes={"features": {0: "batch", 2: "subcarriers"},
-                                                "bits_per_symbol": {0: "batch"},
-                                                "logits": {0: "batch", 2: "subcarriers"}})
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-            options.add_session_config_entry("session.force_spinning_stop", "0" if spin_between_runs else "1")
-            self.session = onnxruntime.InferenceSession(buffer.getvalue(), options,
-                                                        providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - any exporter or runtime failure makes the version unservable
-            raise BackendError(f"ONNX export or session failed: {type(err).__name__}: {err}") from err
-
-    def __call__(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
-        inputs = {"features": np.ascontiguousarray(features.numpy(), np.float32),
-                  "bits_per_symbol": bits_per_symbol.numpy().astype(np.int64)}
-        return torch.from_numpy(self.session.run(None, inputs)[0])
-
-
-Backend = TorchBackend | OnnxRuntimeBackend
-
-
 def _session(module: torch.nn.Module, example: tuple, names: list[str], dynamic_axes: dict, threads: int, opset: int,
              spinning: bool, spin_between_runs: bool):
     """``module`` exported with ``example`` inputs, in an ONNX Runtime session on the CPU."""
@@ -125,10 +88,35 @@ def _session(module: torch.nn.Module, example: tuple, names: list[str], dynamic_
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
+class OnnxRuntimeBackend:
+    """The version exported to ONNX (batch and subcarrier axes dynamic) in one ONNX Runtime session."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: DeepRx, threads: int = 0, opset: int = 17, spinning: bool = True,
+                 spin_between_runs: bool = False):
+        example = (torch.zeros(1, num_feature_channels(model.config.rx), 12, 14), torch.full((1,), 4))
+        try:
+            self.session = _session(copy.deepcopy(model).cpu().eval(), example, ["features", "bits_per_symbol", "logits"],
+                                    {"features": {0: "batch", 2: "subcarriers"}, "bits_per_symbol": {0: "batch"},
+                                     "logits": {0: "batch", 2: "subcarriers"}},
+                                    threads, opset, spinning, spin_between_runs)
+        except Exception as err:  # noqa: BLE001 - any exporter or runtime failure makes the version unservable
+            raise BackendError(f"ONNX export or session failed: {type(err).__name__}: {err}") from err
+
+    def __call__(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
+        inputs = {"features": np.ascontiguousarray(features.numpy(), np.float32),
+                  "bits_per_symbol": bits_per_symbol.numpy().astype(np.int64)}
+        return torch.from_numpy(self.session.run(None, inputs)[0])
+
+
+Backend = TorchBackend | OnnxRuntimeBackend
+
+
 class _LayoutGraph(torch.nn.Module):
     """``featurize_layout`` for one layout and set of QAM orders, as a module to export."""
 
-    def __init__(self, layout: LayoutFeaturizer, orders: tuple[int, ...]):
+    def __init__(self, layout: PilotLayout, orders: tuple[int, ...]):
         super().__init__()
         self.layout, self.orders = layout, orders
 
@@ -140,17 +128,17 @@ class _LayoutGraph(torch.nn.Module):
 class OnnxFeaturizer:
     """The featurizer's per-layout arithmetic (``features.featurize_layout``) exported to ONNX, one
     session per (antennas, DMRS layout and grid width, QAM orders of the batch), built the first time
-    such a batch arrives (about a second): a batch is
-    featurized in one runtime call that holds no interpreter lock, where the same arithmetic in torch is
-    some 300 small calls that each give the lock up and wait to take it back. One intra-op thread: its
-    operators are too small to share (two threads were slower at every batch size)."""
+    such a batch arrives (about a second): a batch is featurized in one runtime call that holds no
+    interpreter lock, where the same arithmetic in torch is some 300 small calls that each give the
+    lock up and wait to take it back. One intra-op thread: its operators are too small to share (two
+    threads were slower at every batch size)."""
 
     def __init__(self, config: InferenceConfig):
         self.config = config
-        self._sessions: dict[tuple[int, LayoutFeaturizer, tuple[int, ...]], object] = {}
+        self._sessions: dict[tuple[int, PilotLayout, tuple[int, ...]], object] = {}
 
     def __call__(self, y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
-                 bits_per_symbol: torch.Tensor, layout: LayoutFeaturizer, orders: tuple[int, ...]) -> torch.Tensor:
+                 bits_per_symbol: torch.Tensor, layout: PilotLayout, orders: tuple[int, ...]) -> torch.Tensor:
         """``featurize_layout``'s signature."""
         key = (y.shape[1], layout, orders)
         if key not in self._sessions:
@@ -167,12 +155,12 @@ class OnnxFeaturizer:
         # a graph for one QAM order has no use for bits_per_symbol, and the exporter drops unused inputs
         return torch.from_numpy(session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})[0])
 
-    def _build(self, antennas: int, layout: LayoutFeaturizer, orders: tuple[int, ...]):
+    def _build(self, antennas: int, layout: PilotLayout, orders: tuple[int, ...]):
         example = (torch.randn(1, antennas, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2),
                    torch.zeros(1, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2), torch.ones(1),
                    torch.full((1,), orders[0]))
-        return _session(_LayoutGraph(layout, orders), example, ["y", "pilots", "noise_variance", "bits_per_symbol", "features"],
-                        {name: {0: "batch"} for name in ("y", "pilots", "noise_variance", "bits_per_symbol", "features")},
+        names = ["y", "pilots", "noise_variance", "bits_per_symbol", "features"]
+        return _session(_LayoutGraph(layout, orders), example, names, {name: {0: "batch"} for name in names},
                         1, self.config.opset, self.config.spinning, self.config.spin_between_runs)
 
 
