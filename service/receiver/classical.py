@@ -23,9 +23,8 @@ and ``mrc_equalize`` take complex tensors, for comparisons with Sionna's blocks.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, reduce
 from typing import NamedTuple
 
 import numpy as np
@@ -118,21 +117,23 @@ def sionna_ls_estimator(num_subcarriers: int, additional_position: int) -> PUSCH
                                    interpolation_type="lin", device="cpu")
 
 
-@dataclass(frozen=True)
-class _LinearEstimator:
+@dataclass(frozen=True, eq=False)
+class LinearEstimator:
     """Sionna's LS estimator of one layout as the linear map it is: ``h = M y_pilots``, and its error
     variance ``no * e``. Read off the block once by feeding it unit impulses; applying it is one
     small dense product (672 x 24 for a 48-subcarrier slot with one DMRS symbol) instead of the
     block's per-call gathers and interpolation passes."""
 
-    matrix: torch.Tensor  # [P, S*F] complex: pilot REs -> every RE
+    matrix: Pair  # [P, S*F]: pilot REs -> every RE
     pilot_index: torch.Tensor  # [P] flat indices of the pilot REs
     error_pattern: torch.Tensor  # [S, F]: err_var at unit noise variance
-    reference: torch.Tensor  # [S, F] complex: the DMRS values the estimator assumes (0 elsewhere)
+    reference: Pair  # [P]: the DMRS values the estimator assumes at its pilot REs
+    mask: torch.Tensor  # [S, F] bool: its pilot REs
 
 
 @lru_cache(maxsize=None)
-def _estimator(num_subcarriers: int, additional_position: int) -> _LinearEstimator:
+def ls_estimator(num_subcarriers: int, additional_position: int) -> LinearEstimator:
+    """The LS estimator of one layout, read off Sionna's block once."""
     estimator = sionna_ls_estimator(num_subcarriers, additional_position)
     pattern = pusch_resource_grid(num_subcarriers, additional_position).pilot_pattern
     mask = pattern.mask[0, 0].bool()  # [S, F]: DMRS REs, the empty CDM group included
@@ -156,7 +157,8 @@ def _estimator(num_subcarriers: int, additional_position: int) -> _LinearEstimat
         steps = base.repeat(len(index), 1)
         steps[torch.arange(len(index)), index] += 1
         columns.append(respond(steps)[0] - at_base)
-    return _LinearEstimator(torch.cat(columns), pilot_index, error_pattern, reference)
+    return LinearEstimator(Pair.of(torch.cat(columns)), pilot_index, error_pattern,
+                           Pair.of(reference.flatten()[pilot_index]), reference != 0)
 
 
 def check_pilot_layout(pilots: torch.Tensor | np.ndarray) -> int:
@@ -178,43 +180,47 @@ def _layout_of(shape: tuple[int, int], packed: bytes) -> int:
         raise PilotLayoutError(f"pilots on OFDM symbols {list(symbols)}: not a PUSCH DMRS layout "
                                f"(one of {[list(s) for s in layouts]})")
     position = layouts[symbols]
-    if not torch.equal(on, _estimator(num_subcarriers, position).reference != 0):
+    if not torch.equal(on, ls_estimator(num_subcarriers, position).mask):
         raise PilotLayoutError("pilot REs differ from those of the PUSCH DMRS (type 1, one port) on "
                                f"symbols {list(symbols)}")
     return position
 
 
+@dataclass(frozen=True)
+class PilotLayout:
+    """The DMRS layout and grid width a group of slots shares: what picks their channel estimators."""
+
+    num_subcarriers: int
+    additional_position: int
+
+    @staticmethod
+    def of(on: torch.Tensor) -> "PilotLayout":
+        """The layout of pilot REs ``on`` [B, S, F] (bool), which every slot must share;
+        ``PilotLayoutError`` otherwise."""
+        position = check_pilot_layout(on[0])
+        if not bool((on == on[:1]).all()):
+            raise PilotLayoutError("slots of one batch must share one pilot layout")
+        return PilotLayout(on.shape[-1], position)
+
+    @property
+    def ls_estimator(self) -> LinearEstimator:
+        return ls_estimator(self.num_subcarriers, self.additional_position)
+
+    @property
+    def robust_prior(self) -> "RobustPrior":
+        return robust_prior(self.num_subcarriers, self.additional_position)
+
+
 def ls_channel_estimate(y: torch.Tensor, pilots: torch.Tensor, no: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``y`` [B, A, S, F] complex, ``pilots`` [B, S, F] (one layout), ``no`` [B] ->
     ``h`` [B, A, S, F] complex and its error variance ``err_var`` [B, 1, S, F]."""
-    position = check_pilot_layout(pilots[0])
-    on = pilots != 0
-    if not torch.equal(on, (_estimator(pilots.shape[-1], position).reference != 0).expand_as(on)):
-        raise PilotLayoutError("slots of one batch must share one pilot layout")
-    h, err_var = ls_estimate_pairs(Pair.of(y), Pair.of(pilots), no, estimator_pairs(pilots.shape[-1], position))
+    estimator = PilotLayout.of(pilots != 0).ls_estimator
+    h, err_var = ls_estimate_pairs(Pair.of(y), Pair.of(pilots), no, estimator)
     return h.complex(), err_var
 
 
-@dataclass(frozen=True, eq=False)
-class EstimatorPairs:
-    """A layout's LS operator and reference pilots as real and imaginary parts (see ``Pair``)."""
-
-    matrix: Pair  # [P, S*F]
-    pilot_index: torch.Tensor  # [P]
-    error_pattern: torch.Tensor  # [S, F]
-    reference: Pair  # [P]: the estimator's DMRS values at its pilot REs
-
-
-@lru_cache(maxsize=None)
-def estimator_pairs(num_subcarriers: int, additional_position: int) -> EstimatorPairs:
-    estimator = _estimator(num_subcarriers, additional_position)
-    index = estimator.pilot_index
-    return EstimatorPairs(Pair.of(estimator.matrix), index, estimator.error_pattern,
-                          Pair.of(estimator.reference.flatten()[index]))
-
-
 def ls_estimate_pairs(y: Pair, pilots: Pair, no: torch.Tensor,
-                      estimator: EstimatorPairs) -> tuple[Pair, torch.Tensor]:
+                      estimator: LinearEstimator) -> tuple[Pair, torch.Tensor]:
     """``ls_channel_estimate`` on pairs, the layout already checked."""
     index = estimator.pilot_index
     at_pilots = pilots.map(lambda t: t.flatten(1)[:, index])  # [B, P]
@@ -241,7 +247,7 @@ class RobustPrior:
 @lru_cache(maxsize=None)
 def robust_prior(num_subcarriers: int, additional_position: int) -> RobustPrior:
     """The robust estimator of one layout: its prior's eigendecomposition, computed once."""
-    pilot_index = _estimator(num_subcarriers, additional_position).pilot_index
+    pilot_index = ls_estimator(num_subcarriers, additional_position).pilot_index
     every = torch.arange(NUM_OFDM_SYMBOLS * num_subcarriers)
     symbol, subcarrier = every // num_subcarriers, (every % num_subcarriers).double()
 
@@ -332,17 +338,17 @@ def maxlog_llrs(x: Pair, no_eff: torch.Tensor, bits_per_symbol: torch.Tensor, or
     for k in orders:
         axes, zeros, ones = _bit_levels(k)
         along = parts[axes]  # [k, B, S, F]: each bit's axis
-
-        def nearest(levels: torch.Tensor) -> torch.Tensor:  # min over a bit's levels, one level at a time
-            # (a broadcast over a trailing level axis is several times slower in ONNX Runtime)
-            return functools.reduce(torch.minimum, [(along - level[:, None, None, None]).square()
-                                                    for level in levels.unbind(-1)])
-
-        d0, d1 = nearest(zeros), nearest(ones)
+        d0, d1 = _nearest_square_distance(along, zeros), _nearest_square_distance(along, ones)
         of_order = torch.nn.functional.pad(((d0 - d1) / no_eff).transpose(0, 1),  # [B, 6, S, F]
                                            (0, 0, 0, 0, 0, MAX_BITS_PER_SYMBOL - k))
         llrs = of_order if llrs is None else torch.where((bits_per_symbol == k)[:, None, None, None], of_order, llrs)
     return llrs
+
+
+def _nearest_square_distance(along: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Squared distance [k, B, S, F] from each bit's axis value to the nearest of its ``levels`` [k, L],
+    one level at a time (a broadcast over a trailing level axis is several times slower in ONNX Runtime)."""
+    return reduce(torch.minimum, [(along - level[:, None, None, None]).square() for level in levels.unbind(-1)])
 
 
 def pilot_noise_variance(y: Pair, pilots: Pair) -> torch.Tensor:

@@ -30,9 +30,9 @@ its LLRs the same way).
 
 Slots are featurized per DMRS layout (``featurize_layout``, real arithmetic only): the server runs
 that function exported to ONNX (``serving.backend.OnnxFeaturizer``), training and evaluation run it
-in torch. Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise variance comes with the slot (the
-simulator's, or the sender's estimate); where it is unknown (0), the featurizer estimates it from the
-pilots (``classical.pilot_noise_variance``).
+in torch. Sionna's DMRS have ``|P|^2 = 2`` (CDM power boost). The noise variance comes with the slot
+(the simulator's, or the sender's estimate); where it is unknown (0), the featurizer estimates it
+from the pilots (``classical.pilot_noise_variance``).
 """
 from __future__ import annotations
 
@@ -46,15 +46,12 @@ from schema.dataset import SlotBatch
 from schema.scenario import MAX_BITS_PER_SYMBOL
 from service.receiver.classical import (
     Pair,
-    PilotLayoutError,
-    check_pilot_layout,
-    estimator_pairs,
+    PilotLayout,
     ls_estimate_pairs,
     maxlog_llrs,
     mrc_equalize_pairs,
     pilot_noise_variance,
     robust_lmmse_channel_estimate,
-    robust_prior,
 )
 
 INPUTS = ("grid", "classical", "residual", "weighted", "robust")
@@ -86,9 +83,10 @@ def _log10(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(_LOG_FLOOR, 1e3).log10()
 
 
-def _by_layout(pilots: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Row indices of each DMRS layout in the batch (the estimators are built per layout)."""
-    symbols = (pilots != 0).any(-1)  # [B, S]
+def _by_layout(on: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Row indices of each DMRS layout in the batch, from its pilot REs ``on`` [B, S, F] (the estimators
+    are built per layout)."""
+    symbols = on.any(-1)  # [B, S]
     if bool((symbols == symbols[:1]).all()):  # the usual batch: one layout, no sort (unique costs a tenth of featurize)
         return {0: torch.arange(len(symbols))}
     patterns, inverse = torch.unique(symbols, dim=0, return_inverse=True)
@@ -102,35 +100,18 @@ def featurize(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tenso
     pilots off a DMRS layout. ``run_layout`` (``featurize_layout``'s signature) featurizes each
     layout's slots: ``featurize_layout`` itself by default, its ONNX export in the server."""
     run_layout = run_layout or featurize_layout
+    on = pilots != 0  # [B, S, F]: pilot REs
     y, pilots = torch.view_as_real(y), torch.view_as_real(pilots)
     noise_variance = torch.as_tensor(noise_variance, dtype=torch.float32)
     orders = tuple(sorted(set(bits_per_symbol.tolist())))
-    groups = list(_by_layout(pilots.square().sum(-1)).values())
+    groups = list(_by_layout(on).values())
     if len(groups) == 1:  # the usual batch: no gathering
-        return run_layout(y, pilots, noise_variance, bits_per_symbol, PilotLayout.of(pilots), orders)
+        return run_layout(y, pilots, noise_variance, bits_per_symbol, PilotLayout.of(on), orders)
     out = torch.empty(len(y), num_feature_channels(y.shape[1]), y.shape[3], y.shape[2])
     for rows in groups:
         out[rows] = run_layout(y[rows], pilots[rows], noise_variance[rows], bits_per_symbol[rows],
-                               PilotLayout.of(pilots[rows]), orders)
+                               PilotLayout.of(on[rows]), orders)
     return out
-
-
-@dataclass(frozen=True)
-class PilotLayout:
-    """The DMRS layout and grid width a group of slots shares: what picks the LS and robust estimators."""
-
-    num_subcarriers: int
-    additional_position: int
-
-    @staticmethod
-    def of(pilots: torch.Tensor) -> "PilotLayout":
-        """The layout of ``pilots`` [B, S, F, 2] (real and imaginary parts), which every slot must
-        share; ``PilotLayoutError`` otherwise."""
-        on = pilots.square().sum(-1) > 0
-        position = check_pilot_layout(on[0])
-        if not bool((on == on[:1]).all()):
-            raise PilotLayoutError("slots of one batch must share one pilot layout")
-        return PilotLayout(on.shape[-1], position)
 
 
 def featurize_layout(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
@@ -153,9 +134,8 @@ def featurize_layout(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torc
     pilot_power = p.power()
     on = pilot_power > 0
     raw_ls = y.times(p.conj()).map(lambda t: torch.where(on, t / pilot_power.clamp_min(1e-12), 0))
-    where = (layout.num_subcarriers, layout.additional_position)
-    h_ls, err_ls = ls_estimate_pairs(y, pilots, no, estimator_pairs(*where))
-    h_rb, err_rb = robust_lmmse_channel_estimate(raw_ls, pilots, no, robust_prior(*where))
+    h_ls, err_ls = ls_estimate_pairs(y, pilots, no, layout.ls_estimator)
+    h_rb, err_rb = robust_lmmse_channel_estimate(raw_ls, pilots, no, layout.robust_prior)
     # both estimates equalised and demapped in one pass each (at batch 1 the per-op overhead is the cost)
     twice = lambda t: torch.cat([t, t])  # noqa: E731
     h = Pair(torch.cat([h_ls.re, h_rb.re]), torch.cat([h_ls.im, h_rb.im]))

@@ -216,7 +216,7 @@ class DeepRx(nn.Module):
     def forward(self, features: torch.Tensor, bits_per_symbol: torch.Tensor) -> torch.Tensor:
         inputs = features[:, :self.num_inputs]
         if self.robust_conv is not None:  # the robust estimate's channels, then its LLRs, follow the weighted inputs
-            robust, robust_prior = inputs[:, self.num_weighted:-MAX_BITS_PER_SYMBOL], inputs[:, -MAX_BITS_PER_SYMBOL:]
+            robust, robust_llrs = inputs[:, self.num_weighted:-MAX_BITS_PER_SYMBOL], inputs[:, -MAX_BITS_PER_SYMBOL:]
             inputs = inputs[:, :self.num_weighted]
         if self.residual or self.prior_weight is not None:  # these inputs end with LS-LMMSE's LLRs
             inputs, prior = inputs[:, :-MAX_BITS_PER_SYMBOL], inputs[:, -MAX_BITS_PER_SYMBOL:]
@@ -238,7 +238,7 @@ class DeepRx(nn.Module):
         elif self.prior_weight is not None:
             logits = logits + self.prior_weight(normalized) * prior
             if self.robust_weight is not None:
-                logits = logits + self.robust_weight(normalized) * robust_prior
+                logits = logits + self.robust_weight(normalized) * robust_llrs
         return logits * bit_mask(bits_per_symbol)
 
     def num_parameters(self) -> int:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from schema.scenario import NUM_OFDM_SYMBOLS
-from service.receiver.features import PilotLayout, featurize_layout, num_feature_channels
+from service.receiver.classical import PilotLayout
+from service.receiver.features import featurize_layout, num_feature_channels
 from service.receiver.model import DeepRx
 
 log = logging.getLogger("deeprx.backend")
