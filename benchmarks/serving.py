@@ -8,8 +8,8 @@ the same Slot messages; the echo answers each with a SlotResult of the same LLR 
 without decoding, featurizing or running a model, so service / echo is the cost of the service.
 "server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds).
 
-CPU per slot: the CPU seconds the server process and this process (the client) spent on a run,
-divided by its slots. Server and client share this machine's cores, so ``cores / (server + client
+CPU per slot: the CPU seconds the server process and this process (the client) spent while a run's
+slots streamed, divided by its slots (the client scores the answers afterwards, uncounted). Server and client share this machine's cores, so ``cores / (server + client
 CPU per slot)`` is the most slots/s the pair could answer if every core were always busy: a service
 row below that bound waits (on the GIL, on thread hand-offs), a row at it needs less CPU per slot.
 
@@ -103,16 +103,15 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def measure(port: int, server_pid: int, slots, streams: int, window: int) -> dict:
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
-        stream_slots(ch, slots.select(slice(0, 2 * streams)), "warmup", streams=streams, prefix="warm")
-        server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
-        report, _ = stream_slots(ch, slots, "bench", streams=streams, window=window, prefix=f"s{streams}")
-        server_cpu = process_cpu_seconds(server_pid) - server_cpu
-        client_cpu = time.process_time() - client_cpu
+    address = f"127.0.0.1:{port}"
+    stream_slots(address, slots.select(slice(0, 2 * streams)), "warmup", streams=streams, prefix="warm")
+    server_cpu = process_cpu_seconds(server_pid)
+    report, _ = stream_slots(address, slots, "bench", streams=streams, window=window, prefix=f"s{streams}")
+    server_cpu = process_cpu_seconds(server_pid) - server_cpu  # the server is idle once the last slot is back
     return {"slots_per_second": report.slots / report.seconds, "p50_ms": report.percentile_ms(50),
             "p99_ms": report.percentile_ms(99), "server_p50_ms": report.percentile_ms(50, server=True),
             "server_cpu_ms_per_slot": server_cpu / report.slots * 1e3,
-            "client_cpu_ms_per_slot": client_cpu / report.slots * 1e3, "failures": report.failures}
+            "client_cpu_ms_per_slot": report.cpu_seconds / report.slots * 1e3, "failures": report.failures}
 
 
 def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) -> tuple[float, list]:

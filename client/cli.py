@@ -46,14 +46,19 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channel(args: argparse.Namespace):
-    """A channel to ``--server`` with the TLS and token options of ``_server_arguments``."""
+def _endpoint(args: argparse.Namespace):
+    """``--server`` with the TLS and token options of ``_server_arguments``."""
     import os
 
-    from client.connection import connect
+    from client.connection import Endpoint
 
-    return connect(args.server, args.connect_timeout, args.token or os.environ.get("DEEPRX_ADMIN_TOKEN", ""),
-                   args.tls_ca, args.tls_cert, args.tls_key)
+    return Endpoint(args.server, args.token or os.environ.get("DEEPRX_ADMIN_TOKEN", ""),
+                    args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _channel(args: argparse.Namespace):
+    """A channel to ``--server`` once it answers (``--connect-timeout``)."""
+    return _endpoint(args).connect(args.connect_timeout)
 
 
 def _load_or_simulate(args: argparse.Namespace):
@@ -85,8 +90,9 @@ def _stream(args: argparse.Namespace) -> int:
         raise ScenarioError("give --slots with --scenario")
     slots, scs_khz = _load_or_simulate(args)
     crc_passed = None
-    with _channel(args) as channel:
-        report, results = stream_slots(channel, slots, args.context, streams=args.streams, rate=args.rate,
+    endpoint = _endpoint(args)
+    with endpoint.connect(args.connect_timeout) as channel:  # waits for a service that is still starting
+        report, results = stream_slots(endpoint, slots, args.context, streams=args.streams, rate=args.rate,
                                        prefix=args.prefix, window=args.window)
         feedback = None
         if args.feedback == "genie":

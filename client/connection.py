@@ -3,11 +3,14 @@ admin token sent as ``authorization: Bearer <token>`` on every call, so that cal
 (``client/stream.py``, the CLI) need not know about either."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 class _ClientCallDetails(grpc.ClientCallDetails):
@@ -43,30 +46,60 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         return continuation(self._with_token(details), request_iterator)
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the service listens and how to reach it: ``tls_ca`` (PEM) turns TLS on and is the CA the
+    server's certificate must chain to; ``tls_cert`` and ``tls_key`` are the client's own certificate for
+    mutual TLS; ``token``, when given, goes with every call. Unary calls use a channel from
+    :meth:`connect`; streaming (``client.stream``) opens an asyncio channel to the same endpoint."""
+
+    server: str
+    token: str = ""
+    tls_ca: str | Path | None = None
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a client certificate needs its key: give both --tls-cert and --tls-key")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("a client certificate is for TLS: give --tls-ca (the CA of the server's certificate) too")
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls_ca is None:
+            return None
+        return grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes(),
+                                            Path(self.tls_key).read_bytes() if self.tls_key else None,
+                                            Path(self.tls_cert).read_bytes() if self.tls_cert else None)
+
+    def connect(self, wait_s: float = 30.0) -> grpc.Channel:
+        """A channel once the service answers (a service that is still starting gets ``wait_s``)."""
+        credentials = self._credentials()
+        if credentials is None:
+            channel = grpc.insecure_channel(self.server, options=_OPTIONS)
+        else:
+            channel = grpc.secure_channel(self.server, credentials, options=_OPTIONS)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=wait_s)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            hint = "does its certificate chain to --tls-ca and name this host?" if self.tls_ca else "if it serves TLS: --tls-ca"
+            raise ConnectionError(f"no receiver service answered at {self.server} within {wait_s:g} s ({hint})") from None
+        return grpc.intercept_channel(channel, BearerToken(self.token)) if self.token else channel
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """An asyncio channel of the running event loop (callers send :attr:`metadata` with each call)."""
+        credentials = self._credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.server, options=_OPTIONS)
+        return grpc.aio.secure_channel(self.server, credentials, options=_OPTIONS)
+
+
 def connect(server: str, wait_s: float = 30.0, token: str = "", tls_ca: str | Path | None = None,
             tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> grpc.Channel:
-    """A channel to ``server`` once it answers (a service that is still starting gets ``wait_s``).
-
-    ``tls_ca`` (PEM) turns TLS on and is the CA the server's certificate must chain to; ``tls_cert`` and
-    ``tls_key`` are the client's own certificate for mutual TLS. ``token``, when given, goes with every call.
-    """
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("a client certificate needs its key: give both --tls-cert and --tls-key")
-    if tls_cert is not None and tls_ca is None:
-        raise ValueError("a client certificate is for TLS: give --tls-ca (the CA of the server's certificate) too")
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    if tls_ca is None:
-        channel = grpc.insecure_channel(server, options=options)
-    else:
-        credentials = grpc.ssl_channel_credentials(
-            Path(tls_ca).read_bytes(), Path(tls_key).read_bytes() if tls_key else None,
-            Path(tls_cert).read_bytes() if tls_cert else None)
-        channel = grpc.secure_channel(server, credentials, options=options)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=wait_s)
-    except grpc.FutureTimeoutError:
-        channel.close()
-        hint = "does its certificate chain to --tls-ca and name this host?" if tls_ca else "if it serves TLS: --tls-ca"
-        raise ConnectionError(f"no receiver service answered at {server} within {wait_s:g} s ({hint})") from None
-    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
+    """``Endpoint(server, token, tls_ca, tls_cert, tls_key).connect(wait_s)``."""
+    return Endpoint(server, token, tls_ca, tls_cert, tls_key).connect(wait_s)

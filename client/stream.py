@@ -1,13 +1,15 @@
 """Streaming simulated slots to a receiver service and measuring what comes back."""
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 import numpy as np
 
+from client.connection import Endpoint
 from proto import codec
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
@@ -41,6 +43,7 @@ class StreamReport:
     server_latencies: list[float] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU while the slots streamed (scoring them afterwards excluded)
     failures: int = 0
 
     @property
@@ -52,70 +55,71 @@ class StreamReport:
         return float(np.percentile(values, q) * 1000) if values else float("nan")
 
 
-def stream_slots(channel: grpc.Channel, slots: SlotBatch, context: str, streams: int = 1, rate: float = 0.0,
+def stream_slots(endpoint: Endpoint | str, slots: SlotBatch, context: str, streams: int = 1, rate: float = 0.0,
                  prefix: str = "slot", window: int = 8,
-                 on_result=None) -> tuple[StreamReport, dict[str, pb.SlotResult]]:
+                 on_result: Callable[[pb.SlotResult], None] | None = None,
+                 ) -> tuple[StreamReport, dict[str, pb.SlotResult]]:
     """Send every slot over ``streams`` concurrent StreamDetect calls (slot i on stream i % streams),
     pacing to ``rate`` slots/s in total when > 0, with at most ``window`` slots in flight per stream
     (a closed loop, so latency is service time rather than queue depth).
+
+    ``endpoint``: an :class:`Endpoint` or a plaintext address. Every stream runs on one asyncio event
+    loop in the calling thread (grpc's threaded streams took a sender and a reader thread per stream
+    and twice the client CPU per slot); call it from code that is not itself running an event loop.
+    A stream that fails ends on its own; the first failure is raised once every stream has ended.
     Returns the report and the results by slot id."""
-    stub = pb_grpc.ReceiverStub(channel)
+    endpoint = Endpoint(endpoint) if isinstance(endpoint, str) else endpoint
     report = StreamReport()
     results: dict[str, pb.SlotResult] = {}
-    lock = threading.Lock()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
-    def run(stream_index: int) -> None:
-        rows = list(range(stream_index, len(slots), streams))
+    async def run(stream_index: int, stub: pb_grpc.ReceiverStub) -> None:
+        call = stub.StreamDetect(metadata=endpoint.metadata)
         sent: dict[str, float] = {}
-        in_flight = threading.Semaphore(window)
-        ended = threading.Event()  # the call is over: no result will make room again
+        room = asyncio.Semaphore(window)
 
-        def requests():
-            for n, row in enumerate(rows):
-                in_flight.acquire()
-                if ended.is_set():  # an error ended the call; waiting on would hold grpc's sender thread forever
-                    return
+        async def send() -> None:
+            for n, row in enumerate(range(stream_index, len(slots), streams)):
+                await room.acquire()
                 if rate > 0:
-                    due = start + (n * streams + stream_index) / rate
-                    time.sleep(max(0.0, due - time.perf_counter()))
+                    await asyncio.sleep(max(0.0, start + (n * streams + stream_index) / rate - time.perf_counter()))
                 slot_id = f"{prefix}-{row}"
                 sent[slot_id] = time.perf_counter()
-                yield pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, context))
+                await call.write(pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, context)))
+            await call.done_writing()
 
+        sender = asyncio.create_task(send())
+        # a sender that fails on its own (not because the call ended) must not leave the reader waiting
+        sender.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
         try:
-            for result in stub.StreamDetect(requests()):
-                in_flight.release()
-                latency = time.perf_counter() - sent[result.slot_id]
-                with lock:
-                    results[result.slot_id] = result
-                    report.latencies.append(latency)
-                    report.server_latencies.append(result.server_latency_seconds)
-                    report.versions[result.model_version] = report.versions.get(result.model_version, 0) + 1
+            async for result in call:
+                room.release()
+                report.latencies.append(time.perf_counter() - sent[result.slot_id])
+                report.server_latencies.append(result.server_latency_seconds)
+                report.versions[result.model_version] = report.versions.get(result.model_version, 0) + 1
+                results[result.slot_id] = result
                 if on_result is not None:
                     on_result(result)
         finally:
-            ended.set()
-            in_flight.release()  # wakes the request generator if it waits for room
+            sender.cancel()
+            (sent_all,) = await asyncio.gather(sender, return_exceptions=True)
+            # a write to a call that is over fails too: the reader has its status; anything else is the sender's own
+            if isinstance(sent_all, Exception) and not isinstance(sent_all, (grpc.RpcError, asyncio.InvalidStateError)):
+                raise sent_all
 
-    errors: list[BaseException] = []
+    async def run_all() -> list:
+        async with endpoint.aio_channel() as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            return await asyncio.gather(*(run(i, stub) for i in range(streams)), return_exceptions=True)
 
-    def guarded(index: int) -> None:
-        try:
-            run(index)
-        except grpc.RpcError as err:  # reported to the caller below, after the other streams end
-            with lock:
-                report.failures += 1
-                errors.append(err)
-
-    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = asyncio.run(run_all())
     report.seconds = time.perf_counter() - start
-    if errors:
-        raise errors[0]
+    report.cpu_seconds = time.process_time() - cpu_start
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    report.failures = sum(isinstance(failure, grpc.RpcError) for failure in failures)
+    if failures:
+        bugs = [failure for failure in failures if not isinstance(failure, grpc.RpcError)]
+        raise (bugs or failures)[0]
     for row in range(len(slots)):
         result = results[f"{prefix}-{row}"]
         hard = codec.decode(result.llrs, "llrs", pb.Tensor.FLOAT32, 2, 10**8) > 0

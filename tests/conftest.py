@@ -74,6 +74,11 @@ def channel(server):
         yield ch
 
 
+def address_of(server) -> str:
+    """The loopback address a test server listens on (what ``stream_slots`` streams to)."""
+    return f"127.0.0.1:{server.port}"
+
+
 def scrape(port: int) -> str:
     from urllib.request import urlopen
 

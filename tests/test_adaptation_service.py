@@ -13,7 +13,7 @@ from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.config import ServerConfig
 from service.server import ReceiverServer
-from tests.conftest import scrape, simulate
+from tests.conftest import address_of, scrape, simulate
 
 DRIFT = "channel=TDL-D,speed=100:150,snr=15:25,dmrs=0"
 
@@ -39,9 +39,9 @@ def _server(tmp_path, files, **adaptation):
     return ReceiverServer(config, tmp_path / "store", files["model"]).start()
 
 
-def _serve_labelled(channel, slots, context: str, prefix: str, streams: int = 1) -> None:
+def _serve_labelled(server, channel, slots, context: str, prefix: str, streams: int = 1) -> None:
     """Stream ``slots`` under ``context`` and report their genie labels."""
-    stream_slots(channel, slots, context, streams=streams, prefix=prefix)
+    stream_slots(address_of(server), slots, context, streams=streams, prefix=prefix)
     send_genie_feedback(channel, slots, prefix=prefix)
 
 
@@ -62,21 +62,21 @@ def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regress
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            _serve_labelled(channel, drift.select(slice(0, 48)), "drift", "d", streams=2)
+            _serve_labelled(server, channel, drift.select(slice(0, 48)), "drift", "d", streams=2)
             server.store.flush()
             targets = stub.ListTargets(pb.ListTargetsRequest()).contexts
             assert targets[0].context == "drift" and targets[0].is_target and targets[0].genie_ber >= 0
             assert targets[0].serving_version == "v1"
 
-            before, _ = stream_slots(channel, drift.select(slice(48, 64)), "drift", prefix="pre")
+            before, _ = stream_slots(address_of(server), drift.select(slice(48, 64)), "drift", prefix="pre")
             other_before: list = []
-            stream_slots(channel, drift.select(slice(48, 64)), "other", prefix="o1", on_result=other_before.append)
+            stream_slots(address_of(server), drift.select(slice(48, 64)), "other", prefix="o1", on_result=other_before.append)
             job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only"))
             assert job.state == pb.AdaptationJob.QUEUED and job.scope == "drift"
             versions_seen: set[str] = set()
             while stub.GetAdaptation(pb.GetAdaptationRequest(job_id=job.job_id)).state in (
                     pb.AdaptationJob.QUEUED, pb.AdaptationJob.RUNNING):  # serving goes on during the job
-                report, _ = stream_slots(channel, drift.select(slice(48, 56)), "live", prefix=f"l{len(versions_seen)}")
+                report, _ = stream_slots(address_of(server), drift.select(slice(48, 56)), "live", prefix=f"l{len(versions_seen)}")
                 assert report.failures == 0
                 versions_seen |= set(report.versions)
             done = _wait(stub, job.job_id)
@@ -90,10 +90,10 @@ def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regress
             lineage = server.registry.info("v2")
             assert lineage["parent"] == "v1" and lineage["job"] == job.job_id and lineage["accepted"]
             assert lineage["adapted_for"] == "drift"
-            after, _ = stream_slots(channel, drift.select(slice(48, 64)), "drift", prefix="post")
+            after, _ = stream_slots(address_of(server), drift.select(slice(48, 64)), "drift", prefix="post")
             assert after.versions == {"v2": 16} and after.ber < before.ber, (before.ber, after.ber)
             other_after: list = []
-            report, _ = stream_slots(channel, drift.select(slice(48, 64)), "other", prefix="o2",
+            report, _ = stream_slots(address_of(server), drift.select(slice(48, 64)), "other", prefix="o2",
                                      on_result=other_after.append)
             assert report.versions == {"v1": 16}
             first = sorted(other_before, key=lambda r: r.slot_id[3:])
@@ -105,7 +105,7 @@ def test_target_is_flagged_adapted_swapped_under_load_and_rolled_back_on_regress
             assert re.search(r"^deeprx_scoped_versions 1\.0", text, re.M)
 
             # live feedback on v2 says it got worse (bits inverted): the watch releases the scope
-            stream_slots(channel, drift.select(slice(0, 16)), "drift", prefix="after")
+            stream_slots(address_of(server), drift.select(slice(0, 16)), "drift", prefix="after")
             wrong = [pb.Feedback(slot_id=f"after-{i}", genie_bits=codec.encode(1 - data_bits(drift, i)))
                      for i in range(16)]
             stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=wrong))
@@ -122,7 +122,7 @@ def test_global_update_replaces_the_global_version_behind_the_regression_gate(tm
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            _serve_labelled(channel, drift.select(slice(0, 48)), "drift", "d")
+            _serve_labelled(server, channel, drift.select(slice(0, 48)), "drift", "d")
             job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", global_update=True))
             assert job.scope == "global"
             done = _wait(stub, job.job_id)
@@ -140,7 +140,7 @@ def test_jobs_survive_a_restart(tmp_path, files):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            _serve_labelled(channel, drift.select(slice(0, 32)), "drift", "d")
+            _serve_labelled(server, channel, drift.select(slice(0, 32)), "drift", "d")
             done = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
     finally:
         server.stop(grace=5)
@@ -163,7 +163,7 @@ def test_harmful_update_is_rejected_and_never_served(tmp_path, files):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            _serve_labelled(channel, drift.select(slice(0, 48)), "drift", "d")
+            _serve_labelled(server, channel, drift.select(slice(0, 48)), "drift", "d")
             server.store.flush()
             job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only",
                                                               options={"learning_rate": "3.0", "steps": "30"}))
@@ -171,7 +171,7 @@ def test_harmful_update_is_rejected_and_never_served(tmp_path, files):
             assert done.state == pb.AdaptationJob.REJECTED, done.message
             assert stub.GetModel(pb.GetModelRequest()).version == "v1"
             assert not server.registry.info(done.new_version)["accepted"]
-            report, _ = stream_slots(channel, drift.select(slice(48, 56)), "after", prefix="a")
+            report, _ = stream_slots(address_of(server), drift.select(slice(48, 56)), "after", prefix="a")
             assert report.versions == {"v1": 8}
     finally:
         server.stop(grace=5)
@@ -183,7 +183,7 @@ def test_client_targets_and_adapt_commands(tmp_path, files, capsys):
     try:
         address = f"127.0.0.1:{server.port}"
         with grpc.insecure_channel(address) as channel:
-            _serve_labelled(channel, drift.select(slice(0, 32)), "cell-9", "c")
+            _serve_labelled(server, channel, drift.select(slice(0, 32)), "cell-9", "c")
         server.store.flush()
         assert client_main(["targets", "--server", address]) == 0
         assert re.search(r"cell-9\s+yes\s+32", capsys.readouterr().out)
@@ -208,7 +208,7 @@ def test_first_order_retrieves_from_the_gradient_index_and_rebuilds_it_after_a_s
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
-            _serve_labelled(channel, drift.select(slice(0, 32)), "drift", "d")
+            _serve_labelled(server, channel, drift.select(slice(0, 32)), "drift", "d")
             first = _wait(stub, stub.TriggerAdaptation(pb.AdaptationRequest(context="drift")).job_id)
             assert first.state == pb.AdaptationJob.ACCEPTED and "channels" in first.selected_summary
             lineage = server.registry.info(first.new_version)
@@ -241,7 +241,7 @@ def test_auto_mode_starts_one_job_per_target_within_the_cooldown(tmp_path, files
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ReceiverStub(channel)
             for round_ in range(2):
-                _serve_labelled(channel, drift.select(slice(0, 24)), "auto-cell", f"r{round_}")
+                _serve_labelled(server, channel, drift.select(slice(0, 24)), "auto-cell", f"r{round_}")
             jobs = stub.ListAdaptations(pb.ListAdaptationsRequest()).jobs
             assert [j.context for j in jobs] == ["auto-cell"], "one job despite more feedback"
             assert _wait(stub, jobs[0].job_id).state != pb.AdaptationJob.QUEUED
@@ -280,7 +280,7 @@ def test_held_out_split_does_not_depend_on_arrival_order(tmp_path, files):
         try:
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 for slots, prefix in order:
-                    _serve_labelled(channel, slots, "drift", prefix)
+                    _serve_labelled(server, channel, slots, "drift", prefix)
                 stub = pb_grpc.ReceiverStub(channel)
                 job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", options={"steps": "1"}))
                 before.append(_wait(stub, job.job_id).ber_before)

@@ -25,6 +25,7 @@ from service.serving.backend import (
     TorchBackend,
     build_backend,
 )
+from tests.conftest import address_of
 
 
 @pytest.mark.parametrize("size,inputs", [(size, None) for size in sorted(SIZES)] + [("small", "weighted"), ("small", "robust")])
@@ -114,7 +115,7 @@ def test_served_llrs_of_an_adapted_version_equal_its_pytorch_model(server, chann
     assert server.registry.load(version).backend.name == "onnxruntime"
     pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=version))
     results: list[pb.SlotResult] = []
-    report, _ = stream_slots(channel, slots.select(slice(32, 48)), "check", prefix="s", on_result=results.append)
+    report, _ = stream_slots(address_of(server), slots.select(slice(32, 48)), "check", prefix="s", on_result=results.append)
     assert report.versions == {version: 16}
     with torch.inference_mode():
         logits = adapted(data.features[32:48], data.bits_per_symbol[32:48])

@@ -141,9 +141,9 @@ def test_oversize_message_is_resource_exhausted(tmp_path, tiny_checkpoint, good_
 
 
 def test_a_stream_the_server_ends_leaves_no_client_thread_waiting(tmp_path, tiny_checkpoint, train_mix_file):
-    """When the server ends a stream with an error, the client's request generator (run by a grpc thread)
-    stops instead of waiting for room that no result will make: a long-running client leaks no thread
-    per failed stream."""
+    """When the server ends a stream with an error, the client's sender stops instead of waiting for
+    room that no result will make, and the status reaches the caller: a long-running client leaks
+    nothing per failed stream."""
     from service.config import ServerConfig
     from service.server import ReceiverServer
 
@@ -156,7 +156,7 @@ def test_a_stream_the_server_ends_leaves_no_client_thread_waiting(tmp_path, tiny
             pb_grpc.ReceiverStub(ch).ListModels(pb.ListModelsRequest())  # the channel's own threads start
             before = threading.active_count()
             with pytest.raises(grpc.RpcError) as err:
-                stream_slots(ch, slots.select(slice(0, 16)), "too-big", window=2)
+                stream_slots(f"127.0.0.1:{server.port}", slots.select(slice(0, 16)), "too-big", window=2)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             deadline = time.monotonic() + 10
             while threading.active_count() > before and time.monotonic() < deadline:

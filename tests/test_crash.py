@@ -27,7 +27,7 @@ def test_kill_during_capture_and_restart_serves_last_active_version(tmp_path, ti
     v2 = ModelRegistry(store / "models").import_checkpoint(tiny_checkpoint, creator="crash test")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         pb_grpc.ReceiverStub(channel).ActivateModel(pb.ActivateModelRequest(version=v2))
-        streaming = threading.Thread(target=lambda: _stream_until_killed(channel, slots))
+        streaming = threading.Thread(target=lambda: _stream_until_killed(f"127.0.0.1:{port}", slots))
         streaming.start()
         time.sleep(1.5)  # capture is writing now
         process.send_signal(signal.SIGKILL)
@@ -44,17 +44,17 @@ def test_kill_during_capture_and_restart_serves_last_active_version(tmp_path, ti
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert pb_grpc.ReceiverStub(channel).GetModel(pb.GetModelRequest()).version == v2
-            report, _ = stream_slots(channel, slots.select(slice(0, 8)), "after", prefix="after")
+            report, _ = stream_slots(f"127.0.0.1:{port}", slots.select(slice(0, 8)), "after", prefix="after")
             assert report.versions == {v2: 8}
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
-def _stream_until_killed(channel, slots) -> None:
+def _stream_until_killed(address: str, slots) -> None:
     for round_ in range(1000):
         try:
-            stream_slots(channel, slots, "crash", streams=2, prefix=f"r{round_}")
+            stream_slots(address, slots, "crash", streams=2, prefix=f"r{round_}")
         except grpc.RpcError:
             return
 

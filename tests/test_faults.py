@@ -19,7 +19,7 @@ from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.config import ServerConfig
 from service.server import ReceiverServer
-from tests.conftest import free_port, serve_process, simulate
+from tests.conftest import address_of, free_port, serve_process, simulate
 
 
 def test_load_run_answers_every_slot_and_loses_none(server, train_mix_file):
@@ -66,7 +66,7 @@ def test_kill_during_an_adaptation_job_marks_it_failed_at_restart(tmp_path, trai
     slots, _ = read_slots(drift)
     with _killed_at_the_end(process), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ReceiverStub(channel)
-        stream_slots(channel, slots, "drift", prefix="d")
+        stream_slots(f"127.0.0.1:{port}", slots, "drift", prefix="d")
         send_genie_feedback(channel, slots, prefix="d")
         job = stub.TriggerAdaptation(pb.AdaptationRequest(context="drift", method="target-only",
                                                           options={"steps": "100000"}))
@@ -89,7 +89,7 @@ def test_kill_during_an_adaptation_job_marks_it_failed_at_restart(tmp_path, trai
             assert "update" in failed.message
             assert stub.GetModel(pb.GetModelRequest()).version == "v1"
             assert dict(stub.ListModels(pb.ListModelsRequest()).scoped_versions) == {}
-            report, _ = stream_slots(channel, slots.select(slice(0, 4)), "drift", prefix="after")
+            report, _ = stream_slots(f"127.0.0.1:{port}", slots.select(slice(0, 4)), "drift", prefix="after")
             assert report.versions == {"v1": 4}
     finally:
         process.terminate()
@@ -197,6 +197,5 @@ def test_clients_that_disconnect_mid_stream_leave_no_threads_behind(server, trai
         counts.append(_settled_thread_counts(server, senders_before))
     assert counts[3][0] <= counts[1][0], counts
     assert all(pool <= server.config.limits.workers for _, pool in counts), counts
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        report, _ = stream_slots(channel, slots.select(slice(0, 4)), "after", prefix="after")
+    report, _ = stream_slots(address_of(server), slots.select(slice(0, 4)), "after", prefix="after")
     assert report.failures == 0, "the server still serves"

@@ -13,7 +13,7 @@ from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.receiver.features import prepare
 from service.receiver.model import DeepRx, config_for
-from tests.conftest import scrape
+from tests.conftest import address_of, scrape
 
 
 def _expected_llrs(model: DeepRx, slots, row: int) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_twenty_swaps_under_load(server, channel, train_mix_file):
     swapper.start()
     unary_thread.start()
     collected = []
-    report, results = stream_slots(channel, slots.select(np.r_[0:64, 0:64, 0:64]), "swap", streams=4, rate=120,
+    report, results = stream_slots(address_of(server), slots.select(np.r_[0:64, 0:64, 0:64]), "swap", streams=4, rate=120,
                                    on_result=collected.append)
     swapper.join()
     stop.set()
@@ -102,7 +102,7 @@ def test_scoped_swaps_under_mixed_context_streams(server, channel, train_mix_fil
     reports = {}
 
     def run(context: str) -> None:
-        reports[context], _ = stream_slots(channel, slots.select(np.r_[0:48, 0:48]), context, streams=2, rate=100,
+        reports[context], _ = stream_slots(address_of(server), slots.select(np.r_[0:48, 0:48]), context, streams=2, rate=100,
                                            prefix=context, on_result=results[context].append)
 
     threads = [threading.Thread(target=swap)] + [threading.Thread(target=run, args=(c,)) for c in results]

@@ -22,6 +22,7 @@ import yaml
 
 from client.stream import send_genie_feedback, stream_slots
 from schema.dataset import read_slots
+from tests.conftest import address_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "prometheus"
@@ -224,7 +225,7 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(tmp_path, server
     with _prometheus(tmp_path, server.metrics_port) as port:
         # two rounds of feedback a few scrapes apart, so rates see the counters increase
         for part in (slice(0, 8), slice(8, 16)):
-            stream_slots(channel, slots.select(part), "prom-cell", prefix=f"p{part.start}")
+            stream_slots(address_of(server), slots.select(part), "prom-cell", prefix=f"p{part.start}")
             send_genie_feedback(channel, slots.select(part), prefix=f"p{part.start}")
             time.sleep(3)
         assert _poll(port, 'deeprx_slots_total{outcome="ok"}', lambda r: float(r[0]["value"][1]) == 16.0)
@@ -270,7 +271,7 @@ def test_every_dashboard_and_rule_expression_runs_on_a_live_server(tmp_path, ada
         for round_ in range(2):  # counters must rise between scrapes for rate() to see them
             for i, context in enumerate(CONTEXTS):
                 part = slots.select(slice(24 * round_ + 8 * i, 24 * round_ + 8 * i + 8))
-                report, _ = stream_slots(channel, part, context, streams=2, prefix=f"{context}-{round_}")
+                report, _ = stream_slots(address_of(adapting_server), part, context, streams=2, prefix=f"{context}-{round_}")
                 assert report.failures == 0
                 send_genie_feedback(channel, part, prefix=f"{context}-{round_}")
                 served += len(part)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.cli import main as client_main
-from client.connection import connect
+from client.connection import Endpoint, connect
 from client.stream import report_feedback, slot_message, stream_slots
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
@@ -145,8 +145,9 @@ def test_protect_reads_closes_every_rpc_but_health(tmp_path, tiny_checkpoint, tr
 
         # the client's channel sends the token on streaming and unary calls alike
         slots, _ = read_slots(train_mix_file)
-        with connect(f"127.0.0.1:{server.port}", 10, token=TOKEN) as authed:
-            report, _ = stream_slots(authed, slots.select(slice(0, 4)), context="cell-2")
+        endpoint = Endpoint(f"127.0.0.1:{server.port}", token=TOKEN)
+        with endpoint.connect(10) as authed:
+            report, _ = stream_slots(endpoint, slots.select(slice(0, 4)), context="cell-2")
             assert report.slots == 4
             assert report_feedback(authed, []).accepted == 0
 
@@ -243,14 +244,16 @@ def test_detect_over_tls(tmp_path, tiny_checkpoint, pki, slot):
             connect(address, 1)  # plaintext to a TLS port never gets ready
 
 
-def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path, tiny_checkpoint, pki, slot):
+def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path, tiny_checkpoint, pki, slot, train_mix_file):
     with running(tmp_path, tiny_checkpoint, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
                  tls_client_ca=str(pki / "ca.pem")) as server:
         address = f"127.0.0.1:{server.port}"
-        with connect(address, 10, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
-                     tls_key=pki / "client.key") as channel:
+        endpoint = Endpoint(address, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem", tls_key=pki / "client.key")
+        with endpoint.connect(10) as channel:
             response = pb_grpc.ReceiverStub(channel).Detect(pb.DetectRequest(slots=[slot]), timeout=30)
             assert len(response.results) == 1
+        slots, _ = read_slots(train_mix_file, slice(0, 4))  # streaming opens its own (asyncio) channel
+        assert stream_slots(endpoint, slots, context="mtls", streams=2)[0].slots == 4
         anonymous = grpc.secure_channel(address, grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes()))
         with anonymous:
             stub = pb_grpc.ReceiverStub(anonymous)

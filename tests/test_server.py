@@ -17,7 +17,7 @@ from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
 from service.receiver.checkpoint import load_checkpoint
 from service.receiver.evaluate import evaluate
-from tests.conftest import scrape
+from tests.conftest import address_of, scrape
 
 NAMED_SERIES = ("deeprx_requests_total", "deeprx_slots_total", "deeprx_inference_seconds_bucket",
                 "deeprx_queue_delay_seconds_bucket", "deeprx_batch_size_bucket", "deeprx_model_info",
@@ -28,7 +28,7 @@ NAMED_SERIES = ("deeprx_requests_total", "deeprx_slots_total", "deeprx_inference
 def test_streamed_ber_matches_offline_eval_and_feedback_shows_in_metrics(server, channel, train_mix_file,
                                                                          tiny_checkpoint):
     slots, _ = read_slots(train_mix_file)
-    report, results = stream_slots(channel, slots, context="cell-7", streams=3)
+    report, results = stream_slots(address_of(server), slots, context="cell-7", streams=3)
     assert report.slots == len(slots) and report.failures == 0
     assert set(report.versions) == {"v1"}
 
@@ -67,7 +67,7 @@ def test_feedback_sent_the_moment_a_result_arrives_finds_its_slot(server, channe
 def test_stored_labelled_slots_read_back_as_a_pool(server, channel, train_mix_file):
     slots, _ = read_slots(train_mix_file)
     subset = slots.select(slice(0, 8))
-    stream_slots(channel, subset, context="pool")
+    stream_slots(address_of(server), subset, context="pool")
     send_genie_feedback(channel, subset)
     server.store.flush()
     pool, ids = server.store.labelled(context="pool")
@@ -149,7 +149,7 @@ def test_graceful_stop_finishes_in_flight_work_and_flushes_the_store(tmp_path, t
 def test_label_free_estimate_tracks_served_confidence(server, channel, train_mix_file):
     """Estimates are computed off the response path, so they appear shortly after the slots are answered."""
     slots, _ = read_slots(train_mix_file)
-    stream_slots(channel, slots.select(slice(0, 16)), context="unlabelled", prefix="u")
+    stream_slots(address_of(server), slots.select(slice(0, 16)), context="unlabelled", prefix="u")
     deadline = time.monotonic() + 10
     while True:
         rows = {t.context: t for t in pb_grpc.ReceiverStub(channel).ListTargets(pb.ListTargetsRequest()).contexts}
@@ -181,7 +181,7 @@ def test_crc_feedback_labels_match_the_true_bits_when_blocks_decode(server, chan
 
     slots, attrs = read_slots(train_mix_file)
     subset = slots.select(slice(0, 8))
-    stream_slots(channel, subset, "crc2", prefix="t")
+    stream_slots(address_of(server), subset, "crc2", prefix="t")
     perfect = {f"t-{i}": pb.SlotResult(llrs=codec.encode((data_bits(subset, i) * 2.0 - 1.0) * 10)) for i in range(8)}
     response, passed = send_crc_feedback(channel, subset, perfect, int(attrs["scs_khz"]), prefix="t")
     assert passed == 8 and response.accepted == 8
