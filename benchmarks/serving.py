@@ -6,7 +6,9 @@ eager PyTorch and with ONNX Runtime, in this process before any server starts: s
 batch and the largest LLR difference. Servers run as separate processes on 127.0.0.1 and receive
 the same Slot messages; the echo answers each with a SlotResult of the same LLR payload size
 without decoding, featurizing or running a model, so service / echo is the cost of the service.
-"server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds).
+"server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds). Each
+server is streamed to ``--rounds`` times per stream count, the servers taking turns in rotating order
+(this VM's speed drifts between runs); the tables show medians, and the range of slots/s.
 
 CPU per slot: the CPU seconds the server process and this process (the client) spent while a run's
 slots streamed, divided by its slots (the client scores the answers afterwards, uncounted). Server and client share this machine's cores, so ``cores / (server + client
@@ -114,6 +116,13 @@ def measure(port: int, server_pid: int, slots, streams: int, window: int) -> dic
             "client_cpu_ms_per_slot": report.cpu_seconds / report.slots * 1e3, "failures": report.failures}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """Each figure's median over a server's rounds, and the range of its slots/s."""
+    median = {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+    rates = [run["slots_per_second"] for run in runs]
+    return {**median, "slots_per_second_range": [min(rates), max(rates)], "rounds": len(runs)}
+
+
 def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) -> tuple[float, list]:
     """Median seconds per batch of ``batch`` slots over ``repeats`` passes through every full batch."""
     starts = range(0, len(features) - batch + 1, batch)
@@ -165,6 +174,8 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=480)
     parser.add_argument("--streams", default="1,4,16", help="comma-separated concurrent stream counts")
     parser.add_argument("--window", type=int, default=2, help="slots in flight per stream")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="streamed runs per server and stream count, servers in rotating order; medians are shown")
     parser.add_argument("--batches", default="1,16,64", help="batch sizes for the backends-alone rows")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the slots per backend and batch size")
     parser.add_argument("--service-backends", dest="service_backends", default="onnxruntime,torch",
@@ -199,12 +210,15 @@ def main() -> int:
     try:
         for port in [*ports.values(), echo_port]:
             _wait_healthy(port)
-        rows = []
-        for streams in map(int, args.streams.split(",")):
-            row = {"streams": streams, "echo": measure(echo_port, echo.pid, slots, streams, args.window)}
-            for name, port in ports.items():
-                row[name] = measure(port, services[name].pid, slots, streams, args.window)
-            rows.append(row)
+        targets = {"echo": (echo_port, echo.pid), **{name: (port, services[name].pid) for name, port in ports.items()}}
+        runs: dict[tuple[int, str], list[dict]] = {}
+        for round_ in range(args.rounds):  # the servers in turn, the order rotating, so drift hits them alike
+            order = list(targets)[round_ % len(targets):] + list(targets)[:round_ % len(targets)]
+            for streams in map(int, args.streams.split(",")):
+                for name in order:
+                    runs.setdefault((streams, name), []).append(measure(*targets[name], slots, streams, args.window))
+        rows = [{"streams": streams, **{name: _median_run(runs[streams, name]) for name in targets}}
+                for streams in map(int, args.streams.split(","))]
     finally:
         for server in servers:
             server.terminate()
@@ -224,14 +238,15 @@ def main() -> int:
         print(f"{b['batch']:>5} | {b['eager_ms']:>9.2f} {b['eager_slots_per_second']:>8.0f} | "
               f"{b['onnxruntime_ms']:>14.2f} {b['onnxruntime_slots_per_second']:>8.0f} | {b['speedup']:>6.1f}x | "
               f"{b['max_llr_difference']:.1e}")
-    print(f"\nstreamed, {args.window} in flight per stream (client p50/p99; server p50 = arrival to result)")
+    print(f"\nstreamed, {args.window} in flight per stream, medians of {args.rounds} rounds "
+          f"(client p50/p99; server p50 = arrival to result)")
     names = [*ports, "echo"]
-    print(f"{'streams':>7} | " + " | ".join(f"{name + ' slots/s':>20} {'p50':>6} {'p99':>6} {'srv p50':>7}"
+    print(f"{'streams':>7} | " + " | ".join(f"{name + ' slots/s':>20} {'range':>11} {'p50':>6} {'p99':>6} {'srv p50':>7}"
                                              for name in names))
     for r in rows:
         print(f"{r['streams']:>7} | " + " | ".join(
-            f"{r[n]['slots_per_second']:>20.1f} {r[n]['p50_ms']:>6.1f} {r[n]['p99_ms']:>6.1f} "
-            f"{r[n]['server_p50_ms']:>7.2f}" for n in names))
+            f"{r[n]['slots_per_second']:>20.1f} {'({:.0f}-{:.0f})'.format(*r[n]['slots_per_second_range']):>11} "
+            f"{r[n]['p50_ms']:>6.1f} {r[n]['p99_ms']:>6.1f} {r[n]['server_p50_ms']:>7.2f}" for n in names))
     cores = os.cpu_count() or 1
     print(f"\nCPU ms per slot (server + client) and the bound it sets on {cores} cores: cores / CPU per slot")
     print(f"{'streams':>7} | " + " | ".join(f"{name + ' server':>20} {'client':>6} {'bound/s':>7}" for name in names))
