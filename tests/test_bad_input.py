@@ -166,6 +166,24 @@ def test_a_stream_the_server_ends_leaves_no_client_thread_waiting(tmp_path, tiny
         server.stop(grace=1)
 
 
+def test_a_client_that_fails_to_send_raises_instead_of_waiting(server, train_mix_file, monkeypatch):
+    """A sender that fails on its own (here: a slot it cannot encode) ends its call, so the caller gets
+    the error instead of a reader waiting forever for answers to slots never sent."""
+    import client.stream
+
+    encode = client.stream.slot_message
+
+    def fails_on_row_2(slots, row, slot_id, context):
+        if row == 2:
+            raise ValueError("cannot encode row 2")
+        return encode(slots, row, slot_id, context)
+
+    monkeypatch.setattr(client.stream, "slot_message", fails_on_row_2)
+    slots, _ = read_slots(train_mix_file, slice(0, 8))
+    with pytest.raises(ValueError, match="cannot encode row 2"):
+        stream_slots(f"127.0.0.1:{server.port}", slots, "unencodable", streams=2)
+
+
 def test_feedback_errors_name_the_field(channel, good_slot):
     stub = pb_grpc.ReceiverStub(channel)
     stub.Detect(pb.DetectRequest(slots=[good_slot]))
