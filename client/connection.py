@@ -1,6 +1,8 @@
-"""A channel to the receiver service: plaintext or TLS (optionally with a client certificate), and the
-admin token sent as ``authorization: Bearer <token>`` on every call, so that callers of the stubs
-(``client/stream.py``, the CLI) need not know about either."""
+"""How the client reaches the receiver service: plaintext or TLS (optionally with a client
+certificate), and the admin token sent as ``authorization: Bearer <token>`` on every call. An
+:class:`Endpoint` holds all of it; its blocking channel adds the token itself, so the CLI's unary
+calls need not know about either, and ``client/stream.py`` opens an asyncio channel from the same
+endpoint and sends its :attr:`Endpoint.metadata` with each stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass
