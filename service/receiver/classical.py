@@ -351,18 +351,16 @@ def _nearest_square_distance(along: torch.Tensor, levels: torch.Tensor) -> torch
     return reduce(torch.minimum, [(along - level[:, None, None, None]).square() for level in levels.unbind(-1)])
 
 
-def pilot_noise_variance(y: Pair, pilots: Pair) -> torch.Tensor:
+def pilot_noise_variance(raw_ls: Pair, pilots: Pair) -> torch.Tensor:
     """Noise variance per slot [B] from the DMRS alone, for slots sent without one. On three
     neighbouring pilot subcarriers of a comb-2 DMRS, the second difference of the raw LS estimates
     ``H_k-2 - 2 H_k + H_k+2`` cancels a channel that varies linearly in frequency and leaves noise of
-    variance ``6 no / |P|^2``."""
-    p = pilots.map(lambda t: t[:, None])
-    p_power = p.power()
-    on = p_power > 0
-    ls = y.times(p.conj()).map(lambda t: torch.where(on, t / torch.where(on, p_power, torch.ones_like(p_power)), 0))
-    triples = (on[..., 4:] & on[..., 2:-2] & on[..., :-4]).expand(-1, y.re.shape[1], -1, -1)
-    second = ls.map(lambda t: t[..., 4:] - 2 * t[..., 2:-2] + t[..., :-4]).power() * triples
+    variance ``6 no / |P|^2``. ``raw_ls`` [B, A, S, F]: ``Y conj(P) / |P|^2`` at the pilot REs, 0
+    elsewhere (the featurizer's raw LS channels), ``pilots`` [B, S, F]."""
+    pilot_power = pilots.power()  # [B, S, F]
+    on = pilot_power > 0
+    triples = (on[..., 4:] & on[..., 2:-2] & on[..., :-4])[:, None].expand(-1, raw_ls.re.shape[1], -1, -1)
+    second = raw_ls.map(lambda t: t[..., 4:] - 2 * t[..., 2:-2] + t[..., :-4]).power() * triples
     per_slot = second.sum((1, 2, 3)) / triples.sum((1, 2, 3)).clamp_min(1)
-    on_pilots = pilots.power() > 0
-    pilot_power = (pilots.power() * on_pilots).sum((1, 2)) / on_pilots.sum((1, 2)).clamp_min(1)
+    pilot_power = (pilot_power * on).sum((1, 2)) / on.sum((1, 2)).clamp_min(1)
     return (per_slot * pilot_power / 6).clamp_min(1e-6)

@@ -128,12 +128,12 @@ def featurize_layout(y: torch.Tensor, pilots: torch.Tensor, noise_variance: torc
     unknown = ~(no > 0)  # 0 or NaN (a stored slot sent without one)
     if estimate_unknown_noise is None:
         estimate_unknown_noise = bool(unknown.any())
-    if estimate_unknown_noise:
-        no = torch.where(unknown, pilot_noise_variance(y, pilots), no)
     p = pilots.map(lambda t: t[:, None])
     pilot_power = p.power()
     on = pilot_power > 0
     raw_ls = y.times(p.conj()).map(lambda t: torch.where(on, t / pilot_power.clamp_min(1e-12), 0))
+    if estimate_unknown_noise:
+        no = torch.where(unknown, pilot_noise_variance(raw_ls, pilots), no)
     h_ls, err_ls = ls_estimate_pairs(y, pilots, no, layout.ls_estimator)
     h_rb, err_rb = robust_lmmse_channel_estimate(raw_ls, pilots, no, layout.robust_prior)
     # both estimates equalised and demapped in one pass each (at batch 1 the per-op overhead is the cost)

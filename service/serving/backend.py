@@ -129,14 +129,15 @@ class _LayoutGraph(torch.nn.Module):
 class OnnxFeaturizer:
     """The featurizer's per-layout arithmetic (``features.featurize_layout``) exported to ONNX, one
     session per (antennas, DMRS layout and grid width, QAM orders of the batch), built the first time
-    such a batch arrives (about a second): a batch is featurized in one runtime call that holds no
+    such a batch arrives (that batch waits a third of a second for it): a batch is featurized in one runtime call that holds no
     interpreter lock, where the same arithmetic in torch is some 300 small calls that each give the
     lock up and wait to take it back. One intra-op thread: its operators are too small to share (two
     threads were slower at every batch size)."""
 
     def __init__(self, config: InferenceConfig):
         self.config = config
-        self._sessions: dict[tuple[int, PilotLayout, tuple[int, ...]], object] = {}
+        # key -> (session, its input names), or None: the export failed, torch serves those slots
+        self._sessions: dict[tuple[int, PilotLayout, tuple[int, ...]], tuple[object, list[str]] | None] = {}
 
     def __call__(self, y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
                  bits_per_symbol: torch.Tensor, layout: PilotLayout, orders: tuple[int, ...]) -> torch.Tensor:
@@ -148,21 +149,24 @@ class OnnxFeaturizer:
             except Exception:  # noqa: BLE001 - the same arithmetic in torch still serves these slots
                 log.exception("exporting the featurizer for %s failed; featurizing those slots in torch", key)
                 self._sessions[key] = None
-        session = self._sessions[key]
-        if session is None:
+        built = self._sessions[key]
+        if built is None:
             return featurize_layout(y, pilots, noise_variance, bits_per_symbol, layout, orders)
+        session, names = built
         inputs = {"y": y.numpy(), "pilots": pilots.numpy(), "noise_variance": noise_variance.numpy(),
                   "bits_per_symbol": bits_per_symbol.numpy().astype(np.int64)}
-        # a graph for one QAM order has no use for bits_per_symbol, and the exporter drops unused inputs
-        return torch.from_numpy(session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})[0])
+        return torch.from_numpy(session.run(None, {name: inputs[name] for name in names})[0])
 
-    def _build(self, antennas: int, layout: PilotLayout, orders: tuple[int, ...]):
-        example = (torch.randn(1, antennas, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2),
+    def _build(self, antennas: int, layout: PilotLayout, orders: tuple[int, ...]) -> tuple[object, list[str]]:
+        noise = torch.Generator().manual_seed(0)  # not the global generator, which other threads draw from
+        example = (torch.randn(1, antennas, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2, generator=noise),
                    torch.zeros(1, NUM_OFDM_SYMBOLS, layout.num_subcarriers, 2), torch.ones(1),
                    torch.full((1,), orders[0]))
         names = ["y", "pilots", "noise_variance", "bits_per_symbol", "features"]
-        return _session(_LayoutGraph(layout, orders), example, names, {name: {0: "batch"} for name in names},
-                        1, self.config.opset, self.config.spinning, self.config.spin_between_runs)
+        session = _session(_LayoutGraph(layout, orders), example, names, {name: {0: "batch"} for name in names},
+                           1, self.config.opset, self.config.spinning, self.config.spin_between_runs)
+        # a graph for one QAM order has no use for bits_per_symbol, and the exporter drops unused inputs
+        return session, [i.name for i in session.get_inputs()]
 
 
 def resolve(config: InferenceConfig, device: torch.device) -> str:
