@@ -27,13 +27,13 @@ class _ClientCallDetails(grpc.ClientCallDetails):
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the admin token to the metadata of every call, whatever its shape."""
+    """Adds ``metadata`` (the endpoint's token header) to every call, whatever its shape."""
 
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self._metadata = metadata
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _ClientCallDetails(details, [*(details.metadata or ()), self._header])
+        return _ClientCallDetails(details, [*(details.metadata or ()), *self._metadata])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_token(details), request)
@@ -91,7 +91,7 @@ class Endpoint:
             channel.close()
             hint = "does its certificate chain to --tls-ca and name this host?" if self.tls_ca else "if it serves TLS: --tls-ca"
             raise ConnectionError(f"no receiver service answered at {self.server} within {wait_s:g} s ({hint})") from None
-        return grpc.intercept_channel(channel, BearerToken(self.token)) if self.token else channel
+        return grpc.intercept_channel(channel, BearerToken(self.metadata)) if self.token else channel
 
     def aio_channel(self) -> grpc.aio.Channel:
         """An asyncio channel of the running event loop (callers send :attr:`metadata` with each call)."""
