@@ -11,9 +11,10 @@ server is streamed to ``--rounds`` times per stream count, the servers taking tu
 (this VM's speed drifts between runs); the tables show medians, and the range of slots/s.
 
 CPU per slot: the CPU seconds the server process and this process (the client) spent while a run's
-slots streamed, divided by its slots (the client scores the answers afterwards, uncounted). Server and client share this machine's cores, so ``cores / (server + client
-CPU per slot)`` is the most slots/s the pair could answer if every core were always busy: a service
-row below that bound waits (on the GIL, on thread hand-offs), a row at it needs less CPU per slot.
+slots streamed, divided by its slots (the client scores the answers afterwards, uncounted). Server
+and client share this machine's cores, so ``cores / (server + client CPU per slot)`` is the most
+slots/s the pair could answer if every core were always busy: a service row below that bound waits
+(on the GIL, on thread hand-offs), a row at it needs less CPU per slot.
 
     .venv/bin/python benchmarks/serving.py --model models/small --data data/train-heldout.h5 --slots 480
 """

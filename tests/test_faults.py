@@ -159,10 +159,10 @@ def _threads_in_handlers() -> list[str]:
 
 
 def _client_request_senders() -> int:
-    """Threads of this process's gRPC clients still in a streaming call's request iterator: grpc's
-    consumer notices a cancel at its next request, so it may outlive the call briefly (and one whose
-    iterator blocks for good, as an earlier test's stream cut off by the server can, stays). They live
-    in this process beside the server's threads and are not the server's to clean up."""
+    """Threads of this process's blocking gRPC clients (the disconnecting ones here) still in a
+    streaming call's request iterator: grpc's consumer notices a cancel at its next request, so it may
+    outlive the call briefly. They live in this process beside the server's threads and are not the
+    server's to clean up."""
     return sum(
         any(entry.name == "consume_request_iterator" for entry in traceback.extract_stack(frame))
         for frame in sys._current_frames().values()
