@@ -20,9 +20,14 @@ from service.receiver.evaluate import evaluate
 from tests.conftest import address_of, scrape
 
 NAMED_SERIES = ("deeprx_requests_total", "deeprx_slots_total", "deeprx_inference_seconds_bucket",
-                "deeprx_queue_delay_seconds_bucket", "deeprx_batch_size_bucket", "deeprx_model_info",
+                "deeprx_featurize_seconds_bucket", "deeprx_queue_delay_seconds_bucket", "deeprx_batch_size_bucket", "deeprx_model_info",
                 "deeprx_model_swaps_total", "deeprx_captured_samples_total", "deeprx_capture_dropped_samples_total",
                 "deeprx_context_ber", "deeprx_store_samples", "deeprx_store_bytes", "deeprx_slot_latency_seconds_bucket")
+
+
+def _sample(text: str, name: str) -> float:
+    """The value of the unlabelled series ``name`` in a /metrics page."""
+    return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
 
 
 def test_streamed_ber_matches_offline_eval_and_feedback_shows_in_metrics(server, channel, train_mix_file,
@@ -46,6 +51,9 @@ def test_streamed_ber_matches_offline_eval_and_feedback_shows_in_metrics(server,
     ber = float(re.search(r'^deeprx_context_ber\{context="cell-7"\} (\S+)', text, re.M).group(1))
     assert ber == pytest.approx(report.bit_errors / report.num_bits, rel=1e-6) and ber > 0
     assert re.search(r'^deeprx_slots_total\{outcome="ok"\} 64\.0', text, re.M)
+    featurized, inferred = (_sample(text, f"deeprx_{stage}_seconds_count") for stage in ("featurize", "inference"))
+    assert featurized == inferred > 0, "one observation of each per batch"
+    assert 0 < _sample(text, "deeprx_featurize_seconds_sum") < _sample(text, "deeprx_inference_seconds_sum")
     assert server.store.count(labelled_only=True) == len(slots)
 
 

@@ -34,6 +34,10 @@ class ServiceMetrics:
         self.inference_seconds = Histogram("deeprx_inference_seconds",
                                            "Featurization and model forward time per batch",
                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.featurize_seconds = Histogram("deeprx_featurize_seconds",
+                                           "Featurization time per batch (part of deeprx_inference_seconds; the "
+                                           "first batch of a new grid layout includes exporting its featurizer)",
+                                           buckets=LATENCY_BUCKETS, registry=r)
         self.observations_dropped = Counter("deeprx_slot_observations_dropped",
                                             "Served slots whose label-free estimates were skipped (observer queue "
                                             "full)", registry=r)
