@@ -13,13 +13,14 @@ than ``--rss-tolerance``. Bounded in time, loopback only.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import _free_port, _wait_healthy  # noqa: E402
-from client.stream import genie_feedback, report_feedback, slot_message  # noqa: E402
+from client.connection import Endpoint  # noqa: E402
+from client.stream import genie_feedback, slot_message  # noqa: E402
 from proto import receiver_pb2 as pb  # noqa: E402
 from proto import receiver_pb2_grpc as pb_grpc  # noqa: E402
 from schema.dataset import SlotBatch, read_slots  # noqa: E402
@@ -77,63 +79,84 @@ def rss_mib(pid: int) -> float:
 
 def run_load(address: str, slots: SlotBatch, streams: int, seconds: float, window: int = 8,
              server_pid: int | None = None, feedback_every: int = 32) -> LoadReport:
-    """Drive ``streams`` closed-loop streams at ``address`` for ``seconds``, reporting genie feedback."""
+    """Drive ``streams`` closed-loop streams at ``address`` for ``seconds``, reporting genie feedback
+    every ``feedback_every`` answers. Every stream is a task on one asyncio event loop, as in
+    ``client.stream.stream_slots`` (threads per stream took the service's cores from it)."""
     report = LoadReport(streams, seconds)
-    lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
-    def stream(index: int) -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.ReceiverStub(channel)
-            in_flight = threading.Semaphore(window)
-            sent: dict[str, tuple[int, float]] = {}
-            answered, latencies, pending_feedback = 0, [], []
+    async def stream(index: int, stub: pb_grpc.ReceiverStub) -> None:
+        in_flight = asyncio.Semaphore(window)
+        sent: dict[str, tuple[int, float]] = {}
+        pending_feedback: list[pb.Feedback] = []
 
-            def requests():
-                n = 0
-                while in_flight.acquire(timeout=30) and time.perf_counter() < stop_at:
-                    row = (index * 7919 + n) % len(slots)
-                    slot_id = f"s{index}-{n}"
-                    sent[slot_id] = (row, time.perf_counter())
-                    n += 1
-                    yield pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, f"load-{index % 4}"))
+        call = stub.StreamDetect()
 
-            outcome, accepted = None, 0
-            try:
-                for result in stub.StreamDetect(requests()):
-                    in_flight.release()
-                    row, at = sent[result.slot_id]
-                    answered += 1
-                    latencies.append((time.perf_counter() - at) * 1000)
-                    pending_feedback.append(genie_feedback(slots, row, result.slot_id))
-                    if len(pending_feedback) >= feedback_every:
-                        accepted += report_feedback(channel, pending_feedback).accepted
-                        pending_feedback.clear()
-                if pending_feedback:
-                    accepted += report_feedback(channel, pending_feedback).accepted
-            except grpc.RpcError as err:
-                outcome = err
-        with lock:
-            report.sent += len(sent)
-            report.answered += answered
-            report.latencies_ms += latencies
-            report.feedback_accepted += accepted
-            unanswered = len(sent) - answered
-            if outcome is not None and outcome.code() in REJECTED:
-                report.rejected += unanswered
-            else:
-                report.lost += unanswered
-                if outcome is not None:
-                    report.errors.append(f"{outcome.code().name}: {outcome.details()}")
+        async def send() -> None:
+            n = 0
+            while time.perf_counter() < stop_at:
+                try:  # an answer that never comes ends the stream instead of waiting forever
+                    await asyncio.wait_for(in_flight.acquire(), timeout=30)
+                except TimeoutError:
+                    break
+                if time.perf_counter() >= stop_at:
+                    break
+                row = (index * 7919 + n) % len(slots)
+                slot_id = f"s{index}-{n}"
+                sent[slot_id] = (row, time.perf_counter())
+                n += 1
+                await call.write(pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, f"load-{index % 4}")))
+            await call.done_writing()
 
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    while any(t.is_alive() for t in threads):
-        if server_pid is not None:
+        async def send_feedback() -> None:
+            response = await stub.ReportFeedback(pb.ReportFeedbackRequest(feedback=pending_feedback))
+            report.feedback_accepted += response.accepted
+            pending_feedback.clear()
+
+        sender = asyncio.create_task(send())
+        answered, outcome = 0, None
+        try:
+            async for result in call:
+                in_flight.release()
+                row, at = sent[result.slot_id]
+                answered += 1
+                report.latencies_ms.append((time.perf_counter() - at) * 1000)
+                pending_feedback.append(genie_feedback(slots, row, result.slot_id))
+                if len(pending_feedback) >= feedback_every:
+                    await send_feedback()
+            if pending_feedback:
+                await send_feedback()
+        except grpc.RpcError as err:
+            outcome = err
+        finally:  # a write to a call that is over fails too; the call's status says why it ended
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        report.sent += len(sent)
+        report.answered += answered
+        unanswered = len(sent) - answered
+        if outcome is not None and outcome.code() in REJECTED:
+            report.rejected += unanswered
+        else:
+            report.lost += unanswered
+            if outcome is not None:
+                report.errors.append(f"{outcome.code().name}: {outcome.details()}")
+
+    async def sample_memory(done: asyncio.Event) -> None:
+        while server_pid is not None and not done.is_set():
             report.rss_mib.append(rss_mib(server_pid))
-        for thread in threads:
-            thread.join(timeout=1.0 / len(threads))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=1.0)
+
+    async def run_all() -> None:
+        done = asyncio.Event()
+        sampler = asyncio.create_task(sample_memory(done))
+        async with Endpoint(address).aio_channel() as channel:
+            stub = pb_grpc.ReceiverStub(channel)
+            await asyncio.gather(*(stream(i, stub) for i in range(streams)))
+        done.set()
+        await sampler
+
+    asyncio.run(run_all())
     return report
 
 

@@ -5,10 +5,15 @@ calls need not know about either, and ``client/stream.py`` opens an asyncio chan
 endpoint and sends its :attr:`Endpoint.metadata` with each stream."""
 from __future__ import annotations
 
+import asyncio
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc import _common
+from grpc._cython import cygrpc
+from grpc.aio import _call
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -95,6 +100,7 @@ class Endpoint:
 
     def aio_channel(self) -> grpc.aio.Channel:
         """An asyncio channel of the running event loop (callers send :attr:`metadata` with each call)."""
+        keep_the_servers_status_when_a_write_fails()
         credentials = self._credentials()
         if credentials is None:
             return grpc.aio.insecure_channel(self.server, options=_OPTIONS)
@@ -105,3 +111,54 @@ def connect(server: str, wait_s: float = 30.0, token: str = "", tls_ca: str | Pa
             tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> grpc.Channel:
     """``Endpoint(server, token, tls_ca, tls_cert, tls_key).connect(wait_s)``."""
     return Endpoint(server, token, tls_ca, tls_cert, tls_key).connect(wait_s)
+
+
+# How long a write that failed because the call ended waits for the status the server sent. Core
+# delivers it within milliseconds; the wait only runs out where Core will send none (a batch it refused
+# outright), and then the write reports INTERNAL as grpc.aio itself does.
+_STATUS_WAIT_S = 5.0
+
+
+async def _write_keeping_the_servers_status(self: _call._StreamRequestMixin, request) -> None:
+    """``grpc.aio``'s ``_StreamRequestMixin._write`` (grpcio 1.85), but a write that fails because the
+    server has just ended the call raises the server's status instead of overwriting it with INTERNAL."""
+    if self.done():
+        raise asyncio.InvalidStateError(_call._RPC_ALREADY_FINISHED_DETAILS)
+    if self._done_writing_flag:
+        raise asyncio.InvalidStateError(_call._RPC_HALF_CLOSED_DETAILS)
+    if not self._metadata_sent.is_set():
+        await self._metadata_sent.wait()
+        if self.done():
+            await self._raise_for_status()
+    serialized_request = _common.serialize(request, self._request_serializer)
+    try:
+        await self._cython_call.send_serialized_message(serialized_request)
+    except cygrpc.InternalError as err:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._cython_call.status()), _STATUS_WAIT_S)
+        except TimeoutError:
+            self._cython_call.set_internal_error(str(err))
+        await self._raise_for_status()
+    except asyncio.CancelledError:
+        if not self.cancelled():
+            self.cancel()
+        raise
+
+
+def keep_the_servers_status_when_a_write_fails() -> None:
+    """Make ``grpc.aio`` streams report the status the server ended them with when a write fails at the
+    same moment. Without it a stream the service ends with RESOURCE_EXHAUSTED under load (its queue is
+    full) fails with ``INTERNAL: Internal error from Core`` in about half the runs: grpc.aio overwrites
+    the status it already holds when the client's next write fails (grpc/grpc#36066; the fix proposed
+    upstream, grpc/grpc#43486, does what this does). The synchronous API reports the server's status.
+    Installed once per process, and only over the grpc.aio code it was written against: a grpcio whose
+    ``_write`` no longer sets an internal error keeps its own."""
+    mixin = _call._StreamRequestMixin
+    if mixin._write is _write_keeping_the_servers_status:
+        return
+    try:
+        unfixed = "set_internal_error" in inspect.getsource(mixin._write)
+    except (OSError, TypeError):  # no source to check: leave grpc as it is
+        return
+    if unfixed:
+        mixin._write = _write_keeping_the_servers_status
