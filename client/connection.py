@@ -151,14 +151,17 @@ def keep_the_servers_status_when_a_write_fails() -> None:
     full) fails with ``INTERNAL: Internal error from Core`` in about half the runs: grpc.aio overwrites
     the status it already holds when the client's next write fails (grpc/grpc#36066; the fix proposed
     upstream, grpc/grpc#43486, does what this does). The synchronous API reports the server's status.
-    Installed once per process, and only over the grpc.aio code it was written against: a grpcio whose
-    ``_write`` no longer sets an internal error keeps its own."""
+    Installed process-wide the first time the client opens an asyncio channel, and only over the
+    grpc.aio code it was written against: a grpcio whose ``_write`` no longer sets an internal error, or
+    lacks what the replacement uses, keeps its own."""
     mixin = _call._StreamRequestMixin
     if mixin._write is _write_keeping_the_servers_status:
         return
     try:
-        unfixed = "set_internal_error" in inspect.getsource(mixin._write)
+        source = inspect.getsource(mixin._write)
     except (OSError, TypeError):  # no source to check: leave grpc as it is
         return
-    if unfixed:
+    uses = (hasattr(_call, "_RPC_ALREADY_FINISHED_DETAILS") and hasattr(_call, "_RPC_HALF_CLOSED_DETAILS")
+            and hasattr(_common, "serialize") and hasattr(cygrpc, "InternalError"))
+    if uses and "set_internal_error" in source and "send_serialized_message" in source:
         mixin._write = _write_keeping_the_servers_status
