@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import _free_port, _wait_healthy  # noqa: E402
 from client.connection import Endpoint  # noqa: E402
-from client.stream import genie_feedback, slot_message  # noqa: E402
+from client.stream import genie_feedback, slot_message, writing  # noqa: E402
 from proto import receiver_pb2 as pb  # noqa: E402
 from proto import receiver_pb2_grpc as pb_grpc  # noqa: E402
 from schema.dataset import SlotBatch, read_slots  # noqa: E402
@@ -115,24 +115,21 @@ def run_load(address: str, slots: SlotBatch, streams: int, seconds: float, windo
             report.feedback_accepted += response.accepted
             pending_feedback.clear()
 
-        sender = asyncio.create_task(send())
         answered, outcome = 0, None
         try:
-            async for result in call:
-                in_flight.release()
-                row, at = sent[result.slot_id]
-                answered += 1
-                report.latencies_ms.append((time.perf_counter() - at) * 1000)
-                pending_feedback.append(genie_feedback(slots, row, result.slot_id))
-                if len(pending_feedback) >= feedback_every:
-                    await send_feedback()
+            async with writing(call, send()):
+                async for result in call:
+                    in_flight.release()
+                    row, at = sent[result.slot_id]
+                    answered += 1
+                    report.latencies_ms.append((time.perf_counter() - at) * 1000)
+                    pending_feedback.append(genie_feedback(slots, row, result.slot_id))
+                    if len(pending_feedback) >= feedback_every:
+                        await send_feedback()
             if pending_feedback:
                 await send_feedback()
         except grpc.RpcError as err:
             outcome = err
-        finally:  # a write to a call that is over fails too; the call's status says why it ended
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
         report.sent += len(sent)
         report.answered += answered
         unanswered = len(sent) - answered

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable, Coroutine
 
 import grpc
 import numpy as np
@@ -55,6 +56,23 @@ class StreamReport:
         return float(np.percentile(values, q) * 1000) if values else float("nan")
 
 
+@contextlib.asynccontextmanager
+async def writing(call: grpc.aio.StreamStreamCall, sender: Coroutine) -> AsyncIterator[None]:
+    """Run ``sender`` (the coroutine that writes ``call``'s requests) while the block reads its
+    responses. A sender that fails on its own cancels the call, so the reader does not wait for
+    answers to requests never sent, and its error is raised when the block ends; a write that failed
+    because the call ended is not the sender's error: the reader gets the call's status."""
+    task = asyncio.create_task(sender)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception() is None or call.cancel())
+    try:
+        yield
+    finally:
+        task.cancel()
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        if isinstance(outcome, Exception) and not isinstance(outcome, (grpc.RpcError, asyncio.InvalidStateError)):
+            raise outcome
+
+
 def stream_slots(endpoint: Endpoint | str, slots: SlotBatch, context: str, streams: int = 1, rate: float = 0.0,
                  prefix: str = "slot", window: int = 8,
                  on_result: Callable[[pb.SlotResult], None] | None = None,
@@ -88,10 +106,7 @@ def stream_slots(endpoint: Endpoint | str, slots: SlotBatch, context: str, strea
                 await call.write(pb.StreamDetectRequest(slot=slot_message(slots, row, slot_id, context)))
             await call.done_writing()
 
-        sender = asyncio.create_task(send())
-        # a sender that fails on its own (not because the call ended) must not leave the reader waiting
-        sender.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
-        try:
+        async with writing(call, send()):
             async for result in call:
                 room.release()
                 report.latencies.append(time.perf_counter() - sent[result.slot_id])
@@ -100,12 +115,6 @@ def stream_slots(endpoint: Endpoint | str, slots: SlotBatch, context: str, strea
                 results[result.slot_id] = result
                 if on_result is not None:
                     on_result(result)
-        finally:
-            sender.cancel()
-            (sent_all,) = await asyncio.gather(sender, return_exceptions=True)
-            # a write to a call that is over fails too: the reader has its status; anything else is the sender's own
-            if isinstance(sent_all, Exception) and not isinstance(sent_all, (grpc.RpcError, asyncio.InvalidStateError)):
-                raise sent_all
 
     async def run_all() -> list:
         async with endpoint.aio_channel() as channel:

@@ -67,6 +67,7 @@ def test_streams_a_full_queue_ends_report_the_servers_status(tmp_path, tiny_chec
     assert refusals, "eight streams of eight in flight overflow a queue of two"
     assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _ in refusals), refusals
 
+
 @contextlib.contextmanager
 def _killed_at_the_end(process):
     """Kill ``process`` even when the test fails before it would (no server outlives its test)."""
