@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc import _common
-from grpc._cython import cygrpc
-from grpc.aio import _call
+
+try:  # grpc.aio's internals, for keep_the_servers_status_when_a_write_fails
+    from grpc import _common
+    from grpc._cython import cygrpc
+    from grpc.aio import _call
+except ImportError:  # a grpcio laid out otherwise is left as it is
+    _call = None
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -154,6 +158,8 @@ def keep_the_servers_status_when_a_write_fails() -> None:
     Installed process-wide the first time the client opens an asyncio channel, and only over the
     grpc.aio code it was written against: a grpcio whose ``_write`` no longer sets an internal error, or
     lacks what the replacement uses, keeps its own."""
+    if _call is None or not hasattr(_call, "_StreamRequestMixin"):
+        return
     mixin = _call._StreamRequestMixin
     if mixin._write is _write_keeping_the_servers_status:
         return
