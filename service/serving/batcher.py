@@ -160,9 +160,9 @@ class DynamicBatcher:
         start = time.perf_counter()
         for item in batch:
             self.metrics.queue_delay_seconds.observe(start - item.enqueued)
+        slots = [p.slot for p in batch]
         try:
-            results = run_batch([p.slot for p in batch], batch[0].version, self._featurizer,
-                                self.metrics.featurize_seconds.observe)
+            results = run_batch(slots, batch[0].version, self._featurizer, self.metrics.featurize_seconds.observe)
         except Exception as err:  # noqa: BLE001 - every waiting request must learn of the failure
             _resolve(batch, [err] * len(batch))
             return
@@ -170,7 +170,7 @@ class DynamicBatcher:
         self.metrics.batch_size.observe(len(batch))
         if self._on_batch is not None:
             try:
-                self._on_batch([p.slot for p in batch], batch[0].version, results)
+                self._on_batch(slots, batch[0].version, results)
             except Exception:  # noqa: BLE001 - bookkeeping must not keep the results from their requests
                 log.exception("recording a served batch failed")
         _resolve(batch, results)
