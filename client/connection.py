@@ -6,6 +6,7 @@ endpoint and sends its :attr:`Endpoint.metadata` with each stream."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,20 +150,19 @@ async def _write_keeping_the_servers_status(self: _call._StreamRequestMixin, req
         raise
 
 
+@functools.cache
 def keep_the_servers_status_when_a_write_fails() -> None:
     """Make ``grpc.aio`` streams report the status the server ended them with when a write fails at the
     same moment. Without it a stream the service ends with RESOURCE_EXHAUSTED under load (its queue is
     full) fails with ``INTERNAL: Internal error from Core`` in about half the runs: grpc.aio overwrites
     the status it already holds when the client's next write fails (grpc/grpc#36066; the fix proposed
     upstream, grpc/grpc#43486, does what this does). The synchronous API reports the server's status.
-    Installed process-wide the first time the client opens an asyncio channel, and only over the
-    grpc.aio code it was written against: a grpcio whose ``_write`` no longer sets an internal error, or
-    lacks what the replacement uses, keeps its own."""
+    Checked once per process, when the client opens its first asyncio channel, and installed only over
+    the grpc.aio code it was written against: a grpcio whose ``_write`` no longer sets an internal
+    error, or lacks what the replacement uses, keeps its own."""
     if _call is None or not hasattr(_call, "_StreamRequestMixin"):
         return
     mixin = _call._StreamRequestMixin
-    if mixin._write is _write_keeping_the_servers_status:
-        return
     try:
         source = inspect.getsource(mixin._write)
     except (OSError, TypeError):  # no source to check: leave grpc as it is
