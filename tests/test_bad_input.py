@@ -13,6 +13,7 @@ from proto import codec
 from proto import receiver_pb2 as pb
 from proto import receiver_pb2_grpc as pb_grpc
 from schema.dataset import read_slots
+from tests.conftest import address_of
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -154,7 +155,7 @@ def test_a_stream_the_server_ends_leaves_no_client_thread_waiting(tmp_path, tiny
     try:
         before = threading.active_count()
         with pytest.raises(grpc.RpcError) as err:
-            stream_slots(f"127.0.0.1:{server.port}", slots.select(slice(0, 16)), "too-big", window=2)
+            stream_slots(address_of(server), slots.select(slice(0, 16)), "too-big", window=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         deadline = time.monotonic() + 10
         while threading.active_count() > before and time.monotonic() < deadline:
@@ -179,7 +180,7 @@ def test_a_client_that_fails_to_send_raises_instead_of_waiting(server, train_mix
     monkeypatch.setattr(client.stream, "slot_message", fails_on_row_2)
     slots, _ = read_slots(train_mix_file, slice(0, 8))
     with pytest.raises(ValueError, match="cannot encode row 2"):
-        stream_slots(f"127.0.0.1:{server.port}", slots, "unencodable", streams=2)
+        stream_slots(address_of(server), slots, "unencodable", streams=2)
 
 
 def test_feedback_errors_name_the_field(channel, good_slot):
