@@ -67,7 +67,8 @@ class ReceiverServer:
         eager_cpu = device == "cpu" and backend == "torch"
         onnx_cpu = device == "cpu" and backend == "onnxruntime"  # the featurizer runs in ONNX Runtime too
         replication = config.replication
-        self.registry = ModelRegistry(replication.registry or store_dir / "models", device, config.inference,
+        inference = config.inference.for_workers(config.batching.workers)  # each batcher worker's share
+        self.registry = ModelRegistry(replication.registry or store_dir / "models", device, inference,
                                       config.models.max_scoped)
         if self.registry.active is None:
             if model_dir is None:
@@ -88,7 +89,8 @@ class ReceiverServer:
         self.observer = SlotObserver(self.monitor, self.metrics)
         self.batcher = DynamicBatcher(self.metrics, config.batching.max_batch_size,
                                       config.batching.max_queue_delay_ms / 1000, config.limits.max_queued_slots,
-                                      torch_threads=config.inference.threads if eager_cpu else 1,
+                                      torch_threads=inference.threads if eager_cpu else 1,
+                                      workers=config.batching.workers,
                                       # the servicer is built next; no batch runs before it exists
                                       on_batch=lambda *batch: self.servicer.record_served(*batch),
                                       featurizer=OnnxFeaturizer(config.inference) if onnx_cpu else None)

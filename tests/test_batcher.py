@@ -79,3 +79,30 @@ def test_bookkeeping_sees_each_batch_before_its_results_and_cannot_lose_them(ver
     assert sorted(recorded) == sorted(results)
     for slot_id, result in results.items():
         np.testing.assert_array_equal(recorded[slot_id], result)
+
+
+def test_workers_run_batches_at_once(version, train_mix_file):
+    """Two workers hold two batches at the same time (each waits in ``on_batch`` for the other), and
+    every slot still gets its own LLRs."""
+    slots = received(read_slots(train_mix_file)[0], 6)
+    expected = {slot.slot_id: run_batch([slot], version)[0] for slot in slots}
+    both_running = threading.Barrier(2, timeout=30)
+    met: list[bool] = []
+
+    def on_batch(batch_slots, batch_version, llrs):
+        if not met:  # the first two batches: one worker alone would break the barrier after 30 s
+            try:
+                both_running.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+
+    batcher = DynamicBatcher(ServiceMetrics(CollectorRegistry()), max_batch_size=1, workers=2, on_batch=on_batch)
+    try:
+        futures = {slot.slot_id: batcher.submit(slot, version) for slot in slots}
+        results = {slot_id: future.result(timeout=60) for slot_id, future in futures.items()}
+    finally:
+        batcher.close()
+    assert met[:2] == [True, True]
+    for slot_id, result in results.items():
+        np.testing.assert_allclose(result, expected[slot_id], atol=1e-5)

@@ -17,6 +17,7 @@ def test_toml_overrides_defaults(tmp_path):
     ("[batching]\nmax_batch = 8\n", "batching.max_batch"),
     ("[limits]\nmax_slots_per_request = 'many'\n", "limits.max_slots_per_request"),
     ("batching = 3\n", "must be a table"),
+    ("[batching]\nworkers = 0\n", "batching.workers must be at least 1"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "server.toml"

@@ -13,9 +13,10 @@ import copy
 import importlib.util
 import io
 import logging
+import os
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ _EXPORT_LOCK = threading.Lock()
 @dataclass
 class InferenceConfig:
     backend: str = "auto"  # auto: onnxruntime on CPU when installed, else torch
-    threads: int = 0  # ONNX Runtime intra-op threads, or the batcher's torch threads for eager CPU (0: one per core)
+    # ONNX Runtime intra-op threads, or eager PyTorch's on the CPU, of each batcher worker (0: the
+    # cores shared out among the workers: ``for_workers``)
+    threads: int = 0
     opset: int = 17  # ONNX opset the versions are exported with
     # ONNX Runtime's intra-op threads busy-wait between the operators of a run (its default; without
     # it each of the model's ~100 small operators waits for a thread to wake). spinning = false lets
@@ -50,6 +53,11 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"inference.backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
+
+    def for_workers(self, workers: int) -> InferenceConfig:
+        """This config for one of ``workers`` threads that run batches at once: ``threads = 0`` becomes
+        its share of the cores this process may use (at least one)."""
+        return replace(self, threads=self.threads or max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 class BackendError(RuntimeError):
@@ -138,17 +146,20 @@ class OnnxFeaturizer:
         self.config = config
         # key -> (session, its input names), or None: the export failed, torch serves those slots
         self._sessions: dict[tuple[int, PilotLayout, tuple[int, ...]], tuple[object, list[str]] | None] = {}
+        self._building = threading.Lock()
 
     def __call__(self, y: torch.Tensor, pilots: torch.Tensor, noise_variance: torch.Tensor,
                  bits_per_symbol: torch.Tensor, layout: PilotLayout, orders: tuple[int, ...]) -> torch.Tensor:
         """``featurize_layout``'s signature."""
         key = (y.shape[1], layout, orders)
         if key not in self._sessions:
-            try:
-                self._sessions[key] = self._build(*key)
-            except Exception:  # noqa: BLE001 - the same arithmetic in torch still serves these slots
-                log.exception("exporting the featurizer for %s failed; featurizing those slots in torch", key)
-                self._sessions[key] = None
+            with self._building:  # batcher workers that meet a new layout at once export it once
+                if key not in self._sessions:
+                    try:
+                        self._sessions[key] = self._build(*key)
+                    except Exception:  # noqa: BLE001 - the same arithmetic in torch still serves these slots
+                        log.exception("exporting the featurizer for %s failed; featurizing those slots in torch", key)
+                        self._sessions[key] = None
         built = self._sessions[key]
         if built is None:
             return featurize_layout(y, pilots, noise_variance, bits_per_symbol, layout, orders)

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS samples (
     slot_id TEXT NOT NULL UNIQUE,
     context TEXT NOT NULL,
     model_version TEXT NOT NULL,
-    created REAL NOT NULL,
+    created REAL NOT NULL,        -- when the slot arrived (unix seconds); labelled() reads in this order
     rx INTEGER NOT NULL,
     subcarriers INTEGER NOT NULL,
     bits_per_symbol INTEGER NOT NULL,
@@ -126,11 +126,13 @@ class SampleStore:
             stop = any(item is _STOP for item in items)
             slots = [i for i in items if isinstance(i, CapturedSlot)]
             labels = [i for i in items if isinstance(i, SlotLabel)]
+            now, clock = time.time(), time.perf_counter()  # created: when the slot arrived, in wall time
             with db:
                 db.executemany(
                     "INSERT OR IGNORE INTO samples (slot_id, context, model_version, created, rx, subcarriers, "
                     "bits_per_symbol, noise_variance, grid, pilots, data_mask) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [(c.slot.slot_id, c.slot.context, c.model_version, time.time(), c.slot.grid.shape[0],
+                    [(c.slot.slot_id, c.slot.context, c.model_version,
+                      now - (clock - c.slot.arrival) if c.slot.arrival else now, c.slot.grid.shape[0],
                       c.slot.grid.shape[2], c.slot.bits_per_symbol, c.slot.noise_variance,
                       c.slot.grid.astype(np.complex64).tobytes(), c.slot.pilots.astype(np.complex64).tobytes(),
                       c.slot.data_mask.astype(np.uint8).tobytes())
@@ -173,7 +175,8 @@ class SampleStore:
         return sum(p.stat().st_size for p in self.directory.glob("samples.sqlite*") if p.exists())
 
     def labelled(self, context: str | None = None, limit: int | None = None) -> tuple[SlotBatch, list[str]]:
-        """Labelled samples (oldest first) as a SlotBatch plus their slot ids.
+        """Labelled samples in the order they arrived (batchers that run batches at once store them in
+        the order their batches finish) as a SlotBatch plus their slot ids.
 
         Field slots carry no scenario draws: ``channel`` holds the context, delay spread and speed
         are NaN, SNR comes from the noise-variance hint, reference errors are -1 when unreported.
@@ -186,7 +189,7 @@ class SampleStore:
         if context is not None:
             query += " AND context = ?"
             args.append(context)
-        query += " ORDER BY id"
+        query += " ORDER BY created, id"
         if limit is not None:
             query += " LIMIT ?"
             args.append(limit)
