@@ -2,8 +2,9 @@
 on each backend, and a bare gRPC echo.
 
 Backends alone: the model's forward pass on the same featurized batches (sizes ``--batches``) with
-eager PyTorch and with ONNX Runtime, in this process before any server starts: slots/s, latency per
-batch and the largest LLR difference. Servers run as separate processes on 127.0.0.1 and receive
+eager PyTorch and with ONNX Runtime, in this process, once in every round before the servers' turns
+(the servers idle meanwhile): slots/s, latency per batch and the largest LLR difference, medians over
+the rounds; and the service's share of ONNX Runtime alone at batch 16, taken round by round. Servers run as separate processes on 127.0.0.1 and receive
 the same Slot messages; the echo answers each with a SlotResult of the same LLR payload size
 without decoding, featurizing or running a model, so service / echo is the cost of the service.
 "server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds). Each
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -138,21 +140,35 @@ def _time_backend(backend, features, bits_per_symbol, batch: int, repeats: int) 
 
 
 def measure_backends(model_dir: Path, slots, batches: list[int], repeats: int, spinning: bool,
-                     spin_between_runs: bool) -> list[dict]:
+                     spin_between_runs: bool) -> Callable[[], list[dict]]:
     """Eager PyTorch vs ONNX Runtime on the same featurized batches (threads: each library's default;
-    ONNX Runtime's spinning as the services run it)."""
+    ONNX Runtime's spinning as the services run it): a function that times one round of every batch size."""
     model = load_checkpoint(model_dir).model.eval()
     data = prepare(slots)
     eager = TorchBackend(model)
     onnx = OnnxRuntimeBackend(model, spinning=spinning, spin_between_runs=spin_between_runs)
+
+    def one_round() -> list[dict]:
+        rows = []
+        for batch in batches:
+            eager_s, eager_out = _time_backend(eager, data.features, data.bits_per_symbol, batch, repeats)
+            onnx_s, onnx_out = _time_backend(onnx, data.features, data.bits_per_symbol, batch, repeats)
+            difference = max(float((a - b).abs().max()) for a, b in zip(eager_out, onnx_out))
+            rows.append({"batch": batch, "eager_ms": eager_s * 1e3, "onnxruntime_ms": onnx_s * 1e3,
+                         "eager_slots_per_second": batch / eager_s, "onnxruntime_slots_per_second": batch / onnx_s,
+                         "speedup": eager_s / onnx_s, "max_llr_difference": difference})
+        return rows
+    return one_round
+
+
+def _median_backends(rounds: list[list[dict]]) -> list[dict]:
+    """Each batch size's median over the rounds (the largest LLR difference of any round)."""
     rows = []
-    for batch in batches:
-        eager_s, eager_out = _time_backend(eager, data.features, data.bits_per_symbol, batch, repeats)
-        onnx_s, onnx_out = _time_backend(onnx, data.features, data.bits_per_symbol, batch, repeats)
-        difference = max(float((a - b).abs().max()) for a, b in zip(eager_out, onnx_out))
-        rows.append({"batch": batch, "eager_ms": eager_s * 1e3, "onnxruntime_ms": onnx_s * 1e3,
-                     "eager_slots_per_second": batch / eager_s, "onnxruntime_slots_per_second": batch / onnx_s,
-                     "speedup": eager_s / onnx_s, "max_llr_difference": difference})
+    for per_batch in zip(*rounds):
+        row = {key: float(np.median([r[key] for r in per_batch])) for key in per_batch[0]}
+        row.update(batch=per_batch[0]["batch"], max_llr_difference=max(r["max_llr_difference"] for r in per_batch),
+                   speedup_range=[min(r["speedup"] for r in per_batch), max(r["speedup"] for r in per_batch)])
+        rows.append(row)
     return rows
 
 
@@ -178,7 +194,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="streamed runs per server and stream count, servers in rotating order; medians are shown")
     parser.add_argument("--batches", default="1,16,64", help="batch sizes for the backends-alone rows")
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the slots per backend and batch size")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes over the slots per backend, batch size and round")
     parser.add_argument("--service-backends", dest="service_backends", default="onnxruntime,torch",
                         help="inference.backend of each service run, comma-separated")
     parser.add_argument("--max-queue-delay-ms", dest="max_queue_delay_ms", type=float,
@@ -198,8 +215,9 @@ def main() -> int:
 
     slots, _ = read_slots(args.data)
     slots = slots.select(slice(0, args.slots))
-    backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats,
-                                args.spinning, args.spin_between_runs)
+    time_backends = measure_backends(args.model, slots, [int(b) for b in args.batches.split(",")], args.repeats,
+                                     args.spinning, args.spin_between_runs)
+    backend_rounds = []
     ports = {name: _free_port() for name in args.service_backends.split(",")}
     echo_port = _free_port()
     services = {name: start_service(args.model, port, name, args.max_queue_delay_ms, args.spinning,
@@ -214,6 +232,7 @@ def main() -> int:
         targets = {"echo": (echo_port, echo.pid), **{name: (port, services[name].pid) for name, port in ports.items()}}
         runs: dict[tuple[int, str], list[dict]] = {}
         for round_ in range(args.rounds):  # the servers in turn, the order rotating, so drift hits them alike
+            backend_rounds.append(time_backends())  # and the backends alone in every round, beside them
             order = list(targets)[round_ % len(targets):] + list(targets)[:round_ % len(targets)]
             for streams in map(int, args.streams.split(",")):
                 for name in order:
@@ -224,21 +243,27 @@ def main() -> int:
         for server in servers:
             server.terminate()
             server.wait(timeout=30)
+    backends = _median_backends(backend_rounds)
+    shares = {}  # each round's service slots/s over that round's ONNX Runtime alone at batch 16: drift cancels
+    if "onnxruntime" in ports and 16 in [b["batch"] for b in backends]:
+        alone = [next(b for b in rows_ if b["batch"] == 16)["onnxruntime_slots_per_second"] for rows_ in backend_rounds]
+        shares = {streams: [run["slots_per_second"] / a for run, a in zip(runs[streams, "onnxruntime"], alone)]
+                  for streams in map(int, args.streams.split(","))}
     result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,
               "rows": rows, "model": str(args.model),
               "max_queue_delay_ms": args.max_queue_delay_ms, "spinning": args.spinning,
-              "spin_between_runs": args.spin_between_runs, "threads": args.threads}
+              "spin_between_runs": args.spin_between_runs, "threads": args.threads, "shares_of_backend_alone": shares}
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{len(slots)} slots, model {args.model}, {os.cpu_count()} CPUs")
-    print("\nbackends alone (same featurized batches)")
+    print(f"\nbackends alone (same featurized batches), medians of {args.rounds} rounds")
     print(f"{'batch':>5} | {'eager ms':>9} {'slots/s':>8} | {'onnxruntime ms':>14} {'slots/s':>8} | "
-          f"{'speedup':>7} | max |dLLR|")
+          f"{'speedup':>7} {'range':>11} | max |dLLR|")
     for b in backends:
         print(f"{b['batch']:>5} | {b['eager_ms']:>9.2f} {b['eager_slots_per_second']:>8.0f} | "
-              f"{b['onnxruntime_ms']:>14.2f} {b['onnxruntime_slots_per_second']:>8.0f} | {b['speedup']:>6.1f}x | "
-              f"{b['max_llr_difference']:.1e}")
+              f"{b['onnxruntime_ms']:>14.2f} {b['onnxruntime_slots_per_second']:>8.0f} | {b['speedup']:>6.1f}x "
+              f"{'({:.1f}-{:.1f})'.format(*b['speedup_range']):>11} | {b['max_llr_difference']:.1e}")
     print(f"\nstreamed, {args.window} in flight per stream, medians of {args.rounds} rounds "
           f"(client p50/p99; server p50 = arrival to result)")
     names = [*ports, "echo"]
@@ -248,6 +273,9 @@ def main() -> int:
         print(f"{r['streams']:>7} | " + " | ".join(
             f"{r[n]['slots_per_second']:>20.1f} {'({:.0f}-{:.0f})'.format(*r[n]['slots_per_second_range']):>11} "
             f"{r[n]['p50_ms']:>6.1f} {r[n]['p99_ms']:>6.1f} {r[n]['server_p50_ms']:>7.2f}" for n in names))
+    for streams, share in result["shares_of_backend_alone"].items():
+        print(f"{streams:>7} streams: the onnxruntime service answers {np.median(share):.0%} "
+              f"({min(share):.0%}-{max(share):.0%} in the rounds) of ONNX Runtime alone at batch 16 in the same round")
     cores = os.cpu_count() or 1
     print(f"\nCPU ms per slot (server + client) and the bound it sets on {cores} cores: cores / CPU per slot")
     print(f"{'streams':>7} | " + " | ".join(f"{name + ' server':>20} {'client':>6} {'bound/s':>7}" for name in names))

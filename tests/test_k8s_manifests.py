@@ -91,7 +91,7 @@ def test_config_parses_and_threads_match_the_cpu_limit(deployment, tmp_path):
     config = _server_config(deployment, tmp_path)
     container = _container(deployment)
     cpus = int(container["resources"]["limits"]["cpu"])
-    assert config.inference.threads == int(_option(container, "--threads")) == cpus
+    assert config.batching.workers * config.inference.threads == int(_option(container, "--threads")) == cpus
 
 
 def test_one_leader_publishes_and_the_followers_follow_its_service(tmp_path):
