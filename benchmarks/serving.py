@@ -4,9 +4,10 @@ on each backend, and a bare gRPC echo.
 Backends alone: the model's forward pass on the same featurized batches (sizes ``--batches``) with
 eager PyTorch and with ONNX Runtime, in this process, once in every round before the servers' turns
 (the servers idle meanwhile): slots/s, latency per batch and the largest LLR difference, medians over
-the rounds; and the service's share of ONNX Runtime alone at batch 16, taken round by round. Servers run as separate processes on 127.0.0.1 and receive
-the same Slot messages; the echo answers each with a SlotResult of the same LLR payload size
-without decoding, featurizing or running a model, so service / echo is the cost of the service.
+the rounds; and the service's share of ONNX Runtime alone at batch 16, taken round by round. Servers
+run as separate processes on 127.0.0.1 and receive the same Slot messages; the echo answers each
+with a SlotResult of the same LLR payload size without decoding, featurizing or running a model, so
+service / echo is the cost of the service.
 "server p50" is the service's own arrival-to-result time (SlotResult.server_latency_seconds). Each
 server is streamed to ``--rounds`` times per stream count, the servers taking turns in rotating order
 (this VM's speed drifts between runs); the tables show medians, and the range of slots/s.

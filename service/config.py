@@ -60,9 +60,9 @@ class BatchingConfig:
     max_queue_delay_ms: float = 0.0
     # threads that run batches at once, each featurizing, running and recording its own batch: while
     # one runs a forward pass another featurizes or records, and no model run waits on threads that
-    # the event loop has taken a core from (2 workers of one ONNX Runtime thread each on two cores:
-    # 16 streams 833-839 vs 757-777 slots/s and 1-stream p50 2.7-2.8 vs 3.3-3.4 ms against one worker
-    # of two threads, docs/operations.md)
+    # the event loop has taken a core from (2 workers of one ONNX Runtime thread each on two cores,
+    # against one worker of two threads: 16 streams 862 vs 748 slots/s, 1-stream p50 2.87 vs 3.33 ms,
+    # docs/operations.md)
     workers: int = 2
 
     def __post_init__(self) -> None:
