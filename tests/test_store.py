@@ -1,3 +1,4 @@
+import dataclasses
 import sqlite3
 import time
 
@@ -54,3 +55,15 @@ def test_full_queue_drops_and_counts_without_waiting(tmp_path):
 def test_empty_pool_is_a_clear_error(tmp_path):
     with pytest.raises(LookupError, match="no labelled samples"):
         SampleStore(tmp_path).labelled(context="nobody")
+
+
+def test_samples_read_back_in_arrival_order_whatever_order_they_were_captured(tmp_path):
+    """Batcher workers finish batches out of order: the pool still lists slots as they arrived."""
+    store = SampleStore(tmp_path)
+    slots = [dataclasses.replace(_slot(i), arrival=100.0 + i) for i in range(6)]
+    for slot in [slots[3], slots[4], slots[5], slots[0], slots[1], slots[2]]:  # the later batch finished first
+        store.capture(slot, "v1")
+        store.label(SlotLabel(slot.slot_id, np.ones((13 * 12, 2), np.uint8), "genie", 3, 312))
+    store.close()
+    _, ids = SampleStore(tmp_path).labelled()
+    assert ids == [f"s{i}" for i in range(6)]
