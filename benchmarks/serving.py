@@ -247,7 +247,8 @@ def main() -> int:
     backends = _median_backends(backend_rounds)
     shares = {}  # each round's service slots/s over that round's ONNX Runtime alone at batch 16: drift cancels
     if "onnxruntime" in ports and 16 in [b["batch"] for b in backends]:
-        alone = [next(b for b in rows_ if b["batch"] == 16)["onnxruntime_slots_per_second"] for rows_ in backend_rounds]
+        alone = [next(b for b in round_rows if b["batch"] == 16)["onnxruntime_slots_per_second"]
+                 for round_rows in backend_rounds]
         shares = {streams: [run["slots_per_second"] / a for run, a in zip(runs[streams, "onnxruntime"], alone)]
                   for streams in map(int, args.streams.split(","))}
     result = {"slots": len(slots), "window": args.window, "cpu_count": os.cpu_count(), "backends": backends,

@@ -137,9 +137,9 @@ class _LayoutGraph(torch.nn.Module):
 class OnnxFeaturizer:
     """The featurizer's per-layout arithmetic (``features.featurize_layout``) exported to ONNX, one
     session per (antennas, DMRS layout and grid width, QAM orders of the batch), built the first time
-    such a batch arrives (that batch waits a third of a second for it): a batch is featurized in one runtime call that holds no
-    interpreter lock, where the same arithmetic in torch is some 300 small calls that each give the
-    lock up and wait to take it back. One intra-op thread: its operators are too small to share (two
+    such a batch arrives (that batch waits a third of a second for it): a batch is featurized in one
+    runtime call that holds no interpreter lock, where the same arithmetic in torch is some 300 small
+    calls that each give the lock up and wait to take it back. One intra-op thread: its operators are too small to share (two
     threads were slower at every batch size)."""
 
     def __init__(self, config: InferenceConfig):
