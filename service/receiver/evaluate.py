@@ -107,16 +107,22 @@ class BerReport:
 
     def comparison(self, min_slots: int = 100, high_snr_db: float = 15.0) -> dict:
         """How DeepRx stands against LS-LMMSE over the cells: the (cell, SNR bin) pairs where it is
-        worse (cells of at least ``min_slots``), and the pooled BER ratio at or above ``high_snr_db``."""
+        worse (cells of at least ``min_slots``), each marked ``beyond_noise`` when the two error counts
+        differ by more than twice the standard deviation of their difference (``2 sqrt(a + b)``), the
+        pairs where perfect CSI (genie) is worse than LS-LMMSE, which is how many such pairs noise
+        alone makes in bins of a few errors, and the pooled BER ratio at or above ``high_snr_db``."""
         big = {c for c in np.unique(self.cells) if (self.cells == c).sum() >= min_slots}
+        rows = [r for r in self.per_cell() if r["cell"] in big]
         worse = [{"cell": r["cell"], "snr_low": r["snr_low"], "deeprx_errors": r["deeprx_errors"],
-                  "ls_lmmse_errors": r["ls_lmmse_errors"]}
-                 for r in self.per_cell() if r["cell"] in big and r["deeprx"] > r["ls_lmmse"]]
+                  "ls_lmmse_errors": r["ls_lmmse_errors"],
+                  "beyond_noise": _beyond_noise(r["deeprx_errors"], r["ls_lmmse_errors"])}
+                 for r in rows if r["deeprx"] > r["ls_lmmse"]]
         high = self.snr_db >= high_snr_db
         pooled = self.ber(high)
-        return {"cells": len(big), "cell_snr_bins": sum(r["cell"] in big for r in self.per_cell()),
-                "worse_than_ls_lmmse": worse, "high_snr_db": high_snr_db,
-                "high_snr_ber": pooled, "high_snr_errors": self.bit_errors(high),
+        return {"cells": len(big), "cell_snr_bins": len(rows),
+                "worse_than_ls_lmmse": worse, "worse_beyond_noise": sum(w["beyond_noise"] for w in worse),
+                "genie_worse_than_ls_lmmse": sum(r["genie"] > r["ls_lmmse"] for r in rows),
+                "high_snr_db": high_snr_db, "high_snr_ber": pooled, "high_snr_errors": self.bit_errors(high),
                 "high_snr_ratio_to_ls_lmmse": pooled["deeprx"] / max(pooled["ls_lmmse"], 1e-12)}
 
     def table(self) -> str:
@@ -144,7 +150,9 @@ class BerReport:
         c = self.comparison()
         lines.append("-" * len(header))
         lines.append(f"cells with >= 100 slots: {c['cells']}; (cell, SNR bin) pairs where DeepRx is worse than "
-                     f"LS-LMMSE: {len(c['worse_than_ls_lmmse'])} of {c['cell_snr_bins']}")
+                     f"LS-LMMSE: {len(c['worse_than_ls_lmmse'])} of {c['cell_snr_bins']} "
+                     f"({c['worse_beyond_noise']} beyond two standard deviations of the error counts; "
+                     f"perfect CSI is worse in {c['genie_worse_than_ls_lmmse']})")
         e = c["high_snr_errors"]
         lines.append(f"pooled at >= {c['high_snr_db']:g} dB: DeepRx {c['high_snr_ber']['deeprx']:.2e} "
                      f"({e['deeprx_errors']} errors), LS-LMMSE {c['high_snr_ber']['ls_lmmse']:.2e} "
@@ -203,6 +211,12 @@ class BerReport:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def _beyond_noise(errors: int, reference: int) -> bool:
+    """``errors`` exceeds ``reference`` by more than two standard deviations of the difference of two
+    independent Poisson counts."""
+    return bool(errors - reference > 2 * np.sqrt(errors + reference))
 
 
 def evaluate(model: DeepRx, slots: SlotBatch, bin_width_db: float = 5.0, by: list[str] | None = None,
