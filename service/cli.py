@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "received grid, pilots and raw LS; classical adds Sionna's interpolated LS estimate, "
                             "the LMMSE symbol estimate and noise levels; residual adds LS-LMMSE's LLRs to the "
                             "output; weighted adds them times a per-RE weight the network computes; robust also "
-                            "reads the robust LMMSE channel estimate (pilots filtered with the training mix's "
-                            "widest channel prior) and weighs its LLRs the same way")
+                            "reads the robust LMMSE channel estimate (pilots filtered with the channel prior they "
+                            "make most likely) and weighs its LLRs the same way")
     train.add_argument("--padding", default=defaults.padding, choices=("",) + PADDINGS,
                        help="what the 3x3 convolutions read past the slot's edges (default: the size's own, zeros; "
                             "for ablations): replicate repeats the edge REs; a resumed run may change it, the "

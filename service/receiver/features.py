@@ -15,7 +15,8 @@ log10 no              1      the noise variance (scaled like ``Y``)
 LLR_ls                6      max-log LLRs of that estimate (LS-LMMSE's soft bits), clipped to
                              +-``LLR_CLIP``, 0 for bits the modulation does not have
 Re H_rb, Im H_rb      2A     the robust LMMSE channel estimate (``classical.py``): the pilots
-                             filtered in frequency and time with the training mix's widest prior
+                             filtered in frequency and time with the channel prior (a delay
+                             profile's length) they make most likely
 Re x_rb, Im x_rb      2      the LMMSE symbol estimate from ``H_rb``
 log10 no_eff_rb       1      its effective noise variance
 LLR_rb                6      its max-log LLRs, clipped like ``LLR_ls``
