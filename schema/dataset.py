@@ -23,6 +23,7 @@ File attributes: ``scenario`` (canonical spec), ``seed``, ``prb``, ``rx``, ``scs
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -129,3 +130,14 @@ def read_slots(path: str | Path, index=None) -> tuple[SlotBatch, dict]:
         columns = {f.name: file[f.name][index] for f in fields(SlotBatch)}
         columns["channel"] = np.asarray([c.decode() if isinstance(c, bytes) else c for c in columns["channel"]])
         return SlotBatch(**columns), dict(file.attrs)
+
+
+def read_datasets(paths: Sequence[str | Path]) -> tuple[SlotBatch, list[dict]]:
+    """Several datasets read as one, concatenated in order (a training set in parts, or a grid
+    simulated in parallel parts), with each file's attributes; their slots must share antennas and
+    grid size."""
+    parts = [read_slots(path) for path in paths]
+    shapes = {part.y.shape[1:] for part, _ in parts}
+    if len(shapes) > 1:
+        raise ValueError(f"datasets differ in antennas or grid size ({sorted(shapes)}); use one shape at a time")
+    return SlotBatch.concatenate([part for part, _ in parts]), [attrs for _, attrs in parts]

@@ -33,30 +33,31 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from schema.dataset import read_slots
+    from schema.dataset import read_datasets
     from service.receiver.checkpoint import load_checkpoint
     from service.receiver.evaluate import evaluate
     from service.serving.backend import BackendError, InferenceConfig, build_backend
 
     checkpoint = load_checkpoint(args.model)
-    slots, attrs = read_slots(args.data)
+    slots, attrs = read_datasets(args.data)
+    data = " ".join(str(path) for path in args.data)
+    scenario = " + ".join(dict.fromkeys(str(part.get("scenario", "")) for part in attrs))
     if slots.y.shape[1] != checkpoint.model.config.rx:
         raise ValueError(f"the model expects {checkpoint.model.config.rx} receive antennas, "
-                         f"'{args.data}' has {slots.y.shape[1]}")
+                         f"'{data}' has {slots.y.shape[1]}")
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
     try:  # the model runs through one of the server's backends, on the CPU
         forward = build_backend(checkpoint.model.eval(), InferenceConfig(backend=args.backend), torch.device("cpu"))
     except BackendError as err:
         raise ValueError(f"--backend {args.backend}: {err}") from None
     report = evaluate(checkpoint.model, slots, bin_width_db=args.bin_width, by=by, forward=forward)
-    title = f"{Path(args.model).name} on {attrs.get('scenario', args.data)}"
+    title = f"{Path(args.model).name} on {scenario or data}"
     if args.plot:
         (report.heatmap if by else report.plot)(args.plot, title=title)
     if args.json:
-        print(json.dumps({**report.to_dict(), "model": str(args.model), "data": str(args.data),
-                          "scenario": str(attrs.get("scenario", ""))}))
+        print(json.dumps({**report.to_dict(), "model": str(args.model), "data": data, "scenario": scenario}))
     else:
-        print(f"model {args.model} on {args.data} ({attrs.get('scenario', '')})")
+        print(f"model {args.model} on {data} ({scenario})")
         print(report.cell_table() if by else report.table())
     return 0
 
@@ -321,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print uncoded BER of DeepRx, LS-LMMSE and perfect-CSI LMMSE "
                                          "overall and per SNR bin.")
     ev.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    ev.add_argument("--data", type=Path, required=True, help="HDF5 dataset")
+    ev.add_argument("--data", type=Path, nargs="+", required=True,
+                    help="HDF5 dataset; several are evaluated as one (a grid simulated in parts, say)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.add_argument("--plot", type=Path, help="write a BER-vs-SNR plot (PNG) here (with --by: a heatmap)")
     ev.add_argument("--bin-width", type=float, default=5.0, help="SNR bin width in dB")

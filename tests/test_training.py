@@ -57,6 +57,13 @@ def test_train_resume_and_eval_cli_round_trip(high_snr_file, tmp_path, capsys):
     assert abs(served["ber"]["deeprx"] - report["ber"]["deeprx"]) * int(slots.num_bits.sum()) <= 3
     assert served["ber"]["ls_lmmse"] == report["ber"]["ls_lmmse"]
 
+    # several files are evaluated as one: the same file twice doubles every count, not the BER
+    assert service_main(["eval", "--model", str(out), "--data", str(high_snr_file), str(high_snr_file),
+                         "--json", "--backend", "onnxruntime"]) == 0
+    twice = json.loads(capsys.readouterr().out)
+    assert twice["slots"] == 2 * 96 and twice["ber"] == served["ber"]
+    assert [row["slots"] for row in twice["per_snr"]] == [2 * row["slots"] for row in served["per_snr"]]
+
     assert service_main(["eval", "--model", str(out), "--data", str(high_snr_file)]) == 0
     table = capsys.readouterr().out
     assert "deeprx" in table and "ls_lmmse" in table and "genie" in table

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from schema.dataset import SlotBatch, read_slots
+from schema.dataset import read_datasets
 from service.receiver.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
@@ -121,10 +121,7 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
     out_dir = Path(out_dir)
     if isinstance(data_paths, (str, Path)):
         data_paths = [data_paths]
-    parts = [read_slots(path) for path in data_paths]
-    if len({part.y.shape[1:] for part, _ in parts}) > 1:
-        raise ValueError("datasets differ in antennas or grid size; train on one shape at a time")
-    slots = SlotBatch.concatenate([part for part, _ in parts])
+    slots, attrs = read_datasets(data_paths)
     where = training_device(device)
     tensors = prepare(slots).to(where)
     order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(config.seed))
@@ -158,8 +155,8 @@ def train(data_paths: str | Path | Sequence[str | Path], out_dir: str | Path, co
             "size": config.size, "parameters": model.num_parameters(), "steps": step,
             "train": asdict(config), "train_seconds": round(seconds, 1), "fresh_parameters": fresh,
             "data": {"paths": [str(path) for path in data_paths],
-                     "scenarios": [str(part_attrs.get("scenario", "")) for _, part_attrs in parts],
-                     "seeds": [int(part_attrs.get("seed", -1)) for _, part_attrs in parts], "slots": len(tensors)},
+                     "scenarios": [str(part_attrs.get("scenario", "")) for part_attrs in attrs],
+                     "seeds": [int(part_attrs.get("seed", -1)) for part_attrs in attrs], "slots": len(tensors)},
             "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
             "metrics": history[-1], "history": history,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
